@@ -1,0 +1,1 @@
+"""Subcommands of the `banditroute` CLI (one module each)."""

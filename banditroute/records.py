@@ -1,0 +1,213 @@
+"""The records that cross component boundaries, one definition each.
+
+DecisionRecord: what a router replica decided (emitted for every request).
+RewardRecord:   the outcome a client reports for one decision.
+JoinedEvent:    a decision joined with its reward (what the learner trains on
+                and what the durable event log holds).
+WeightsSnapshot: a versioned set of policy weights (learner -> replicas).
+
+Logged records have an Arrow schema so the event log is plain Parquet that
+any tool can read.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable, Literal, Protocol, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+JoinStatus = Literal["rewarded", "defaulted"]
+RouteMode = Literal["explore", "greedy"]
+
+
+def new_decision_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class DecisionRecord:
+    """One routing decision, with everything the learner and OPE need."""
+
+    decision_id: str
+    """Unique id returned to the client; rewards refer to it."""
+    time: float
+    """Unix time of the decision."""
+    embedding: list[float]
+    """Prompt embedding (so the learner never re-encodes prompts)."""
+    w_cost: float
+    """Preference on the simplex: weight of cost (w_quality = 1 - w_cost)."""
+    candidates: list[str]
+    """Models that were offered for this request."""
+    chosen_model: str
+    """The model the request was routed to."""
+    probability: float
+    """Probability with which chosen_model was picked (1.0 in greedy mode)."""
+    policy_version: int
+    """Version of the weights that decided."""
+    mode: str = "explore"
+    """'explore' (sampled) or 'greedy' (argmax)."""
+    candidate_probabilities: list[float] = field(default_factory=list)
+    """The policy's softmax over ``candidates`` (same order)."""
+    encoder_id: str = ""
+    """Which encoder produced ``embedding``."""
+    prompt_sha256: str = ""
+    """Hash of the prompt text (for audits and joins with upstream logs; the text is not kept)."""
+    upstream_cost: float | None = None
+    """Cost reported by the upstream when the router proxied the call (USD)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RewardRecord:
+    """The observed outcome of one decision."""
+
+    decision_id: str
+    """Decision this reward is for."""
+    score: float
+    """Quality score in [0, 1]."""
+    cost: float | None = None
+    """USD cost; None = use the upstream's reported cost (or 0)."""
+    time: float = field(default_factory=time.time)
+    """Unix time the reward was accepted."""
+
+
+@dataclass
+class JoinedEvent:
+    """A decision and its reward: one row of the durable event log."""
+
+    decision: DecisionRecord
+    score: float
+    """Quality score in [0, 1] (the default reward for 'defaulted')."""
+    cost: float
+    """USD cost used for the reward."""
+    reward_time: float
+    """When the reward was accepted (or the window closed, for 'defaulted')."""
+    join_status: str = "rewarded"
+    """'rewarded' or 'defaulted' (no reward within the window)."""
+
+    def to_row(self) -> dict[str, Any]:
+        row = self.decision.to_dict()
+        row.update(score=self.score, cost=self.cost, reward_time=self.reward_time, join_status=self.join_status)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "JoinedEvent":
+        decision_fields = {f.name for f in fields(DecisionRecord)}
+        decision = DecisionRecord(**{k: row[k] for k in decision_fields if k in row})
+        return cls(decision, float(row["score"]), float(row["cost"]), float(row["reward_time"]), str(row["join_status"]))
+
+
+DECISION_SCHEMA = pa.schema(
+    [
+        ("decision_id", pa.string()),
+        ("time", pa.float64()),
+        ("embedding", pa.list_(pa.float32())),
+        ("w_cost", pa.float64()),
+        ("candidates", pa.list_(pa.string())),
+        ("chosen_model", pa.string()),
+        ("probability", pa.float64()),
+        ("policy_version", pa.int64()),
+        ("mode", pa.string()),
+        ("candidate_probabilities", pa.list_(pa.float64())),
+        ("encoder_id", pa.string()),
+        ("prompt_sha256", pa.string()),
+        ("upstream_cost", pa.float64()),
+    ]
+)
+
+EVENT_SCHEMA = pa.schema(
+    list(DECISION_SCHEMA)
+    + [
+        pa.field("score", pa.float64()),
+        pa.field("cost", pa.float64()),
+        pa.field("reward_time", pa.float64()),
+        pa.field("join_status", pa.string()),
+    ]
+)
+
+
+def decisions_to_table(records: Sequence[DecisionRecord]) -> pa.Table:
+    return pa.Table.from_pylist([r.to_dict() for r in records], schema=DECISION_SCHEMA)
+
+
+def decisions_from_table(table: pa.Table) -> list[DecisionRecord]:
+    return [DecisionRecord(**row) for row in table.to_pylist()]
+
+
+def events_to_table(events: Sequence[JoinedEvent]) -> pa.Table:
+    return pa.Table.from_pylist([e.to_row() for e in events], schema=EVENT_SCHEMA)
+
+
+def events_from_table(table: pa.Table) -> list[JoinedEvent]:
+    return [JoinedEvent.from_row(row) for row in table.to_pylist()]
+
+
+@dataclass
+class EventBatch:
+    """Columnar view of joined events, what the learner and OPE consume."""
+
+    embeddings: np.ndarray
+    """(B, d) float32 prompt embeddings."""
+    w_cost: np.ndarray
+    """(B,) preference."""
+    chosen_models: list[str]
+    """Chosen model name per event."""
+    propensities: np.ndarray
+    """(B,) probability of the chosen model under the policy that decided."""
+    scores: np.ndarray
+    """(B,) observed quality."""
+    costs: np.ndarray
+    """(B,) observed USD cost."""
+    candidates: list[list[str]]
+    """Offered models per event."""
+    policy_versions: np.ndarray
+    """(B,) version that decided."""
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> "EventBatch":
+        emb = table.column("embedding").combine_chunks()
+        dim = len(emb[0]) if len(emb) else 0
+        flat = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        return cls(
+            embeddings=flat.reshape(-1, dim) if dim else np.zeros((len(table), 0), np.float32),
+            w_cost=table.column("w_cost").to_numpy().astype(np.float64),
+            chosen_models=table.column("chosen_model").to_pylist(),
+            propensities=table.column("probability").to_numpy().astype(np.float64),
+            scores=table.column("score").to_numpy().astype(np.float64),
+            costs=table.column("cost").to_numpy().astype(np.float64),
+            candidates=table.column("candidates").to_pylist(),
+            policy_versions=table.column("policy_version").to_numpy().astype(np.int64),
+        )
+
+    @classmethod
+    def from_events(cls, events: Sequence[JoinedEvent]) -> "EventBatch":
+        return cls.from_table(events_to_table(events))
+
+    def __len__(self) -> int:
+        return len(self.chosen_models)
+
+
+@dataclass
+class WeightsSnapshot:
+    """A versioned policy state, as the parameter server hands it to replicas."""
+
+    policy_version: int
+    """Monotonic version; replicas only ever move forward."""
+    state: dict[str, Any]
+    """``RoutingPolicy.state()``: numpy weights + meta (models, tau, encoder)."""
+    created_at: float = field(default_factory=time.time)
+    """When the learner produced it (for freshness metrics)."""
+    trained_through: float = 0.0
+    """Newest reward_time among the events this version was trained on."""
+
+
+class DecisionSink(Protocol):
+    """Where replicas send their decision records (durably, before they are forgotten)."""
+
+    def emit(self, records: Iterable[DecisionRecord]) -> None: ...

@@ -1,0 +1,1 @@
+"""Running banditroute as one application: typed app config, local or cluster start."""

@@ -1,0 +1,1 @@
+"""The learner side: RLlib-style policy module and learner, parameter server."""

@@ -1,0 +1,1 @@
+"""The routing policy: reward, prompt encoders, the BaRP network, training and routers."""
