@@ -17,6 +17,11 @@ SUBCOMMANDS: dict[str, str] = {
     "split": "banditroute.commands.split",
     "train": "banditroute.commands.train",
     "eval": "banditroute.commands.evaluate",
+    "serve": "banditroute.commands.serve",
+    "ope": "banditroute.commands.ope",
+    "up": "banditroute.commands.up",
+    "onboard": "banditroute.commands.onboard",
+    "onboard-eval": "banditroute.commands.onboard_eval",
 }
 
 

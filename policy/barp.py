@@ -140,6 +140,8 @@ class PolicyMeta:
     """Free-form provenance: training config, data fingerprint, metrics."""
     format: int = CHECKPOINT_FORMAT
     """Checkpoint format number."""
+    kind: str = "barp"
+    """Policy family of the checkpoint ('barp' here); ``banditroute.policy.checkpoint.load_policy`` dispatches on it."""
 
 
 class RoutingPolicy:

@@ -1,0 +1,269 @@
+"""Off-policy evaluation (OPE) of a routing policy on logged bandit events.
+
+Logged data: for event i, context x_i (prompt embedding), preference w_i,
+the model a_i the logging policy chose with probability mu_i (the logged
+propensity; 1 for greedy decisions), the observed score s_i and cost c_i.
+The reward under preference w is r_i(w) = (1 - w) s_i - w min(c_i / tau, 1),
+so any preference can be evaluated from the same log (``w_cost=None`` keeps
+each event's own logged preference).
+
+For a target policy pi with importance weights rho_i = pi(a_i | x_i, w) / mu_i:
+
+- IPS        V = mean(rho_i r_i)                                SE = sd(rho r) / sqrt(n)
+- SNIPS      V = sum(rho_i r_i) / sum(rho_i)                    SE (delta method) =
+             sqrt(sum(rho_i^2 (r_i - V)^2)) / sum(rho_i)
+- DR         V = mean(q_pi(x_i) + rho_i (r_i - q(x_i, a_i)))     SE = sd(terms) / sqrt(n)
+             with q(x, a) = (1 - w) s_hat(x, a) - w c_hat(x, a) from a ridge
+             reward model per model (score and normalised cost fitted
+             separately, so q is valid for every w), cross-fitted: each
+             fold's q comes from a model fitted on the other folds.
+
+All functions here are pure numpy; ``evaluate_policy`` applies a
+RoutingPolicy to a table of logged events. Caveats (printed by the CLI):
+greedy-logged events (mu = 1) carry no information about models the logger
+never picks, so IPS/SNIPS are biased where the target disagrees with a
+greedy logger; DR leans on its reward model there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from banditroute.policy.reward import normalised_cost
+from banditroute.records import EventBatch
+
+ESTIMATORS = ("ips", "snips", "dr")
+
+
+@dataclass
+class Estimate:
+    """A policy-value estimate with its standard error."""
+
+    estimator: str
+    value: float
+    se: float
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        return self.value - 1.96 * self.se, self.value + 1.96 * self.se
+
+    def as_dict(self) -> dict[str, Any]:
+        lo, hi = self.ci95
+        return {**asdict(self), "ci95_low": lo, "ci95_high": hi}
+
+
+def _check(rewards: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r = np.asarray(rewards, dtype=np.float64).ravel()
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    if r.shape != w.shape:
+        raise ValueError(f"rewards {r.shape} and weights {w.shape} differ in shape")
+    if r.size == 0:
+        raise ValueError("no events to evaluate")
+    if not (np.isfinite(r).all() and np.isfinite(w).all()) or (w < 0).any():
+        raise ValueError("rewards and importance weights must be finite, weights >= 0")
+    return r, w
+
+
+def _sd_of_mean(terms: np.ndarray) -> float:
+    n = terms.size
+    return float(terms.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def ips(rewards: np.ndarray, weights: np.ndarray) -> Estimate:
+    """Inverse propensity scoring: unbiased when mu > 0 wherever pi > 0."""
+    r, w = _check(rewards, weights)
+    terms = w * r
+    return Estimate("ips", float(terms.mean()), _sd_of_mean(terms))
+
+
+def snips(rewards: np.ndarray, weights: np.ndarray) -> Estimate:
+    """Self-normalised IPS: slightly biased, much lower variance; NaN if every weight is 0."""
+    r, w = _check(rewards, weights)
+    total = w.sum()
+    if total <= 0:
+        return Estimate("snips", float("nan"), float("nan"))
+    value = float((w * r).sum() / total)
+    se = float(np.sqrt(((w * (r - value)) ** 2).sum()) / total)
+    return Estimate("snips", value, se)
+
+
+def doubly_robust(rewards: np.ndarray, weights: np.ndarray, q_logged: np.ndarray, q_target: np.ndarray) -> Estimate:
+    """DR: the reward model's value of pi plus the IPS-weighted correction of its error on logged actions.
+
+    ``q_logged[i]`` = q(x_i, a_i); ``q_target[i]`` = sum_a pi(a|x_i) q(x_i, a).
+    """
+    r, w = _check(rewards, weights)
+    ql = np.asarray(q_logged, dtype=np.float64).ravel()
+    qt = np.asarray(q_target, dtype=np.float64).ravel()
+    if ql.shape != r.shape or qt.shape != r.shape:
+        raise ValueError("q_logged and q_target must have one value per event")
+    terms = qt + w * (r - ql)
+    return Estimate("dr", float(terms.mean()), _sd_of_mean(terms))
+
+
+def effective_sample_size(weights: np.ndarray) -> float:
+    w = np.asarray(weights, dtype=np.float64)
+    denom = (w**2).sum()
+    return float(w.sum() ** 2 / denom) if denom > 0 else 0.0
+
+
+# --- reward model -------------------------------------------------------------
+
+
+class RidgeRewardModel:
+    """Per-model ridge regressions of score and normalised cost on the prompt embedding.
+
+    q(x, a, w) = (1 - w) s_hat_a(x) - w c_hat_a(x). A model with fewer than
+    ``min_rows`` logged rows falls back to its mean (or the global mean).
+    """
+
+    def __init__(self, n_actions: int, l2: float = 1.0, min_rows: int = 5):
+        self.n_actions, self.l2, self.min_rows = n_actions, l2, min_rows
+        self.coef_s: list[np.ndarray | None] = [None] * n_actions
+        self.coef_c: list[np.ndarray | None] = [None] * n_actions
+        self.mean_s = np.zeros(n_actions)
+        self.mean_c = np.zeros(n_actions)
+
+    @staticmethod
+    def _design(x: np.ndarray) -> np.ndarray:
+        return np.hstack([np.asarray(x, dtype=np.float64), np.ones((len(x), 1))])
+
+    def fit(self, x: np.ndarray, actions: np.ndarray, scores: np.ndarray, cost_norm: np.ndarray) -> "RidgeRewardModel":
+        design = self._design(x)
+        global_s = float(np.mean(scores)) if len(scores) else 0.0
+        global_c = float(np.mean(cost_norm)) if len(cost_norm) else 0.0
+        reg = self.l2 * np.eye(design.shape[1])
+        reg[-1, -1] = 0.0  # do not shrink the intercept
+        for a in range(self.n_actions):
+            rows = actions == a
+            n = int(rows.sum())
+            self.mean_s[a] = float(scores[rows].mean()) if n else global_s
+            self.mean_c[a] = float(cost_norm[rows].mean()) if n else global_c
+            if n < self.min_rows:
+                continue
+            xa = design[rows]
+            gram = xa.T @ xa + reg
+            self.coef_s[a] = np.linalg.solve(gram, xa.T @ scores[rows])
+            self.coef_c[a] = np.linalg.solve(gram, xa.T @ cost_norm[rows])
+        return self
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(s_hat, c_hat), each (n, n_actions), clipped to [0, 1]."""
+        design = self._design(x)
+        s = np.empty((len(x), self.n_actions))
+        c = np.empty((len(x), self.n_actions))
+        for a in range(self.n_actions):
+            s[:, a] = design @ self.coef_s[a] if self.coef_s[a] is not None else self.mean_s[a]
+            c[:, a] = design @ self.coef_c[a] if self.coef_c[a] is not None else self.mean_c[a]
+        return np.clip(s, 0.0, 1.0), np.clip(c, 0.0, 1.0)
+
+
+def cross_fitted_components(
+    x: np.ndarray, actions: np.ndarray, scores: np.ndarray, cost_norm: np.ndarray, n_actions: int,
+    folds: int = 2, l2: float = 1.0, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold (s_hat, c_hat) for every event (folds = 1: in-sample)."""
+    n = len(actions)
+    s_hat = np.empty((n, n_actions))
+    c_hat = np.empty((n, n_actions))
+    if folds <= 1 or n < 2 * folds:
+        model = RidgeRewardModel(n_actions, l2).fit(x, actions, scores, cost_norm)
+        return model.predict(x)
+    fold_of = np.random.default_rng(seed).permutation(n) % folds
+    for k in range(folds):
+        test = fold_of == k
+        model = RidgeRewardModel(n_actions, l2).fit(x[~test], actions[~test], scores[~test], cost_norm[~test])
+        s_hat[test], c_hat[test] = model.predict(x[test])
+    return s_hat, c_hat
+
+
+# --- evaluating a RoutingPolicy on a log ------------------------------------------
+
+
+def target_probabilities(policy: Any, embeddings: np.ndarray, w_cost: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """(n, K) action probabilities of ``policy`` in ``mode`` ('explore' = softmax, 'greedy' = one-hot argmax)."""
+    import torch
+
+    probs = torch.softmax(policy.logits(embeddings, w_cost, mask).float(), dim=-1).cpu().numpy().astype(np.float64)
+    if mode == "greedy":
+        one_hot = np.zeros_like(probs)
+        one_hot[np.arange(len(probs)), probs.argmax(axis=1)] = 1.0
+        return one_hot
+    if mode != "explore":
+        raise ValueError(f"mode must be 'explore' or 'greedy', got {mode!r}")
+    return probs
+
+
+def evaluate_policy(
+    events: pa.Table | EventBatch,
+    policy: Any,
+    w_cost: float | None = None,
+    modes: Sequence[str] = ("greedy", "explore"),
+    folds: int = 2,
+    l2: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """IPS, SNIPS and DR of ``policy`` on logged events, per target mode.
+
+    ``w_cost`` evaluates every event under one preference (rewards are
+    recomputed from the logged score and cost); None keeps each event's own.
+    Events whose chosen model is not in the policy's pool are skipped.
+    """
+    batch = events if isinstance(events, EventBatch) else EventBatch.from_table(events)
+    models = list(policy.models)
+    index = {m: k for k, m in enumerate(models)}
+    actions = np.array([index.get(m, -1) for m in batch.chosen_models], dtype=np.int64)
+    keep = actions >= 0
+    if batch.embeddings.shape[1] != policy.meta.embed_dim:
+        raise ValueError(f"logged embeddings have {batch.embeddings.shape[1]} dims, the policy expects {policy.meta.embed_dim}")
+    rows = np.flatnonzero(keep)
+    if rows.size == 0:
+        raise ValueError("no logged event chose a model of this policy's pool")
+    n_models = len(models)
+    x = batch.embeddings[rows].astype(np.float32)
+    a = actions[rows]
+    mu = np.clip(batch.propensities[rows], 1e-6, 1.0)
+    scores = np.nan_to_num(batch.scores[rows], nan=0.0)
+    cnorm = normalised_cost(batch.costs[rows], policy.tau)
+    w = batch.w_cost[rows] if w_cost is None else np.full(rows.size, float(w_cost))
+    rewards = (1.0 - w) * scores - w * cnorm
+    mask = np.zeros((rows.size, n_models), dtype=bool)
+    for i, names in enumerate(batch.candidates[r] for r in rows):
+        if not names:
+            mask[i] = True
+        for name in names or []:
+            if name in index:
+                mask[i, index[name]] = True
+    mask[np.arange(rows.size), a] = True
+    s_hat, c_hat = cross_fitted_components(x, a, scores, cnorm, n_models, folds, l2, seed)
+    q = (1.0 - w)[:, None] * s_hat - w[:, None] * c_hat
+    q_logged = q[np.arange(rows.size), a]
+    report: dict[str, Any] = {
+        "events": int(len(batch)),
+        "events_used": int(rows.size),
+        "events_skipped_unknown_model": int((~keep).sum()),
+        "events_greedy_logged": int((batch.propensities[rows] >= 1.0 - 1e-9).sum()),
+        "w_cost": "logged" if w_cost is None else float(w_cost),
+        "tau": float(policy.tau),
+        "logged_policy_value": float(rewards.mean()),
+        "policy_version": int(policy.policy_version),
+        "modes": {},
+    }
+    for mode in modes:
+        pi = target_probabilities(policy, x, w.astype(np.float32), mask, mode)
+        rho = pi[np.arange(rows.size), a] / mu
+        q_target = (pi * q).sum(axis=1)
+        estimates = [ips(rewards, rho), snips(rewards, rho), doubly_robust(rewards, rho, q_logged, q_target)]
+        report["modes"][mode] = {
+            "estimates": {e.estimator: e.as_dict() for e in estimates},
+            "effective_sample_size": effective_sample_size(rho),
+            "max_importance_weight": float(rho.max()),
+            "mean_importance_weight": float(rho.mean()),
+            "direct_method": float(q_target.mean()),
+        }
+    return report

@@ -1,0 +1,743 @@
+"""The Serve application: ``RouterIngress`` (FastAPI, HTTP) -> ``Router`` (batched inference).
+
+``build_app(args)`` is the import path that ``serve run``, ``serve deploy``
+and KubeRay's serveConfigV2 use (``banditroute.serve.app:build_app``). Its
+args are RouterConfig keys (serve/config.py) plus an optional ``config``
+(YAML path); values may be strings (``serve run ... num_replicas=2``).
+
+Deployments (names are part of the contract):
+
+- ``Router``: one RouterCore per replica (encoder + policy, GPU when given
+  one). ``route`` is ``@serve.batch``-ed: concurrent requests are decided in
+  one forward and their DecisionRecords appended to the decision sink BEFORE
+  any of them is answered. With ``parameter_server_name`` set, a background
+  task long-polls the ParameterServer and swaps weights between batches.
+- ``RouterIngress``: HTTP API (``/v1/route``, ``/v1/route/batch``,
+  ``/v1/chat/completions``, ``/v1/models``, ``/healthz``), input validation
+  (4xx naming the field), upstream proxying with httpx.
+- ``ReplayUpstream`` (only with replay enabled): runs the replay server.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real annotations (Request) on the routes.
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from banditroute.config import from_dict, to_dict
+from banditroute.policy.reward import preference_to_w_cost
+from banditroute.records import WeightsSnapshot
+from banditroute.serve.config import RouterConfig, load_router_config
+from banditroute.serve.core import RouteRequest, RouteResult, decisions_table
+from banditroute.serve.protocol import (
+    RequestError,
+    check_length,
+    error_body,
+    messages_to_text,
+    parse_batch_body,
+    parse_candidates,
+    parse_mode,
+    parse_preference,
+    parse_route_body,
+)
+
+logger = logging.getLogger("banditroute.serve")
+
+HEADER_DECISION = "x-banditroute-decision-id"
+HEADER_MODEL = "x-banditroute-model"
+HEADER_VERSION = "x-banditroute-policy-version"
+HEADER_FALLBACK = "x-banditroute-fallback-from"
+LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+
+
+# --- metrics ------------------------------------------------------------------------------------------
+
+
+class _NoMetric:
+    def inc(self, *a, **k):
+        pass
+
+    def observe(self, *a, **k):
+        pass
+
+    def set(self, *a, **k):
+        pass
+
+
+def _metric(kind: str, name: str, description: str, tag_keys: tuple[str, ...] = (), boundaries=None):
+    """A ray.serve.metrics metric (exported on each node's Ray metrics port), or a no-op outside Ray."""
+    try:
+        from ray.serve import metrics
+
+        serve.get_replica_context()  # raises outside a real replica (local testing mode)
+        if kind == "counter":
+            return metrics.Counter(name, description=description, tag_keys=tag_keys)
+        if kind == "gauge":
+            return metrics.Gauge(name, description=description, tag_keys=tag_keys)
+        return metrics.Histogram(name, description=description, boundaries=boundaries, tag_keys=tag_keys)
+    except Exception as exc:  # noqa: BLE001 - e.g. local testing mode without a Ray worker
+        logger.debug("metric %s disabled: %s", name, exc)
+        return _NoMetric()
+
+
+def _replica_id() -> str:
+    try:
+        ctx = serve.get_replica_context()
+        return str(getattr(ctx.replica_id, "unique_id", None) or ctx.replica_tag)
+    except Exception:  # noqa: BLE001 - local testing mode
+        return f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _router_config(config: dict[str, Any] | RouterConfig) -> RouterConfig:
+    return config if isinstance(config, RouterConfig) else from_dict(RouterConfig, config)
+
+
+def _default_w_cost(cfg: RouterConfig) -> float:
+    return preference_to_w_cost(cfg.default_preference.quality, cfg.default_preference.cost)
+
+
+# NOTE: @serve.deployment pickles a class when it is defined, together with the module
+# globals its methods use AT THAT MOMENT: every helper a deployment calls must be
+# defined above it.
+
+# --- Router: batched inference --------------------------------------------------------------------------
+
+
+@serve.deployment(name="Router")
+class Router:
+    """Batched encoder + policy inference; logs every decision durably before answering."""
+
+    def __init__(self, config: dict[str, Any]):
+        from banditroute.serve.core import RouterCore
+        from banditroute.serve.decision_sinks import make_decision_sink
+
+        self.cfg = _router_config(config)
+        self.replica_id = _replica_id()
+        from banditroute.policy.encoders import resolve_device
+
+        on_gpu = resolve_device(self.cfg.device).startswith("cuda")
+        parallel = self.cfg.tokenizers_parallelism if self.cfg.tokenizers_parallelism is not None else on_gpu
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel else "false"  # read when the tokenizer first runs
+        threads = self.cfg.torch_threads or (0 if on_gpu else max(1, round(self.cfg.num_cpus)))
+        if self.cfg.policy is not None:
+            self.core = RouterCore.from_checkpoint(self.cfg.policy, device=self.cfg.device, seed=self.cfg.seed, torch_threads=threads)
+        else:
+            self.core = RouterCore.from_state(
+                *self._initial_state_from_parameter_server(), device=self.cfg.device, seed=self.cfg.seed, torch_threads=threads
+            )
+        self.sink = make_decision_sink(self.cfg.decision_sink, self.cfg.decision_sink_options)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-infer")
+        self._poll_task: asyncio.Task | None = None
+        self._rejected_version = -1
+        self.route.set_max_batch_size(self.cfg.max_batch_size)
+        self.route.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+        self.m_decisions = _metric("counter", "banditroute_decisions_total", "Routing decisions by chosen model and mode.", ("model", "mode"))
+        self.m_batch = _metric("histogram", "banditroute_batch_size", "Requests per inference batch.", (), BATCH_BOUNDARIES)
+        self.m_infer = _metric("histogram", "banditroute_inference_ms", "Encoder + policy + logging time per batch (ms).", (), LATENCY_BOUNDARIES_MS)
+        self.m_version = _metric("gauge", "banditroute_policy_version", "Policy version served by this replica.", ("replica_id",))
+        self.m_swaps = _metric("counter", "banditroute_weight_swaps_total", "Weight snapshots installed.", ())
+        self.m_sink_errors = _metric("counter", "banditroute_decision_sink_errors_total", "Failed decision-log appends.", ())
+        self.m_version.set(self.core.policy_version, tags={"replica_id": self.replica_id})
+        self._start_poller()
+        logger.info("Router replica %s serving policy v%d on %s", self.replica_id, self.core.policy_version, self.core.device)
+
+    def _initial_state_from_parameter_server(self) -> tuple[dict[str, Any]]:
+        import ray
+
+        actor = ray.get_actor(self.cfg.parameter_server_name, namespace=self.cfg.parameter_server_namespace)
+        snap = ray.get(actor.wait_for_newer.remote(-1, 120.0))
+        if snap is None:
+            raise RuntimeError(f"no policy: parameter server {self.cfg.parameter_server_name!r} has no weights yet")
+        state = dict(snap.state)
+        state["meta"] = dict(state["meta"], policy_version=snap.policy_version)
+        return (state,)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live batching knobs (``user_config``: max_batch_size, batch_wait_timeout_s)."""
+        if "max_batch_size" in user_config:
+            self.route.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self.route.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    # -- inference --
+
+    def _decide_and_log(self, reqs: list[RouteRequest]) -> list[RouteResult]:
+        """Runs on the inference thread: one batch, then one durable append of its decisions."""
+        results = self.core.route_batch(reqs)
+        to_log = [r for r, q in zip(results, reqs) if r.ok and q.log]
+        if to_log:
+            try:
+                self._emit(to_log)
+            except Exception as exc:  # noqa: BLE001 - never acknowledge what may be lost
+                logger.exception("decision sink failed")
+                self.m_sink_errors.inc()
+                for r, q in zip(results, reqs):
+                    if r.ok and q.log:
+                        r.error = {"status": 503, "field": None, "message": f"decision log unavailable: {exc}"}
+        return results
+
+    def _emit(self, results: list[RouteResult], upstream_costs: list[float | None] | None = None) -> None:
+        if hasattr(self.sink, "emit_table"):
+            self.sink.emit_table(decisions_table(results, upstream_costs))
+        else:
+            costs = upstream_costs or [None] * len(results)
+            self.sink.emit([r.record(c) for r, c in zip(results, costs)])
+
+    def _package(self, result: RouteResult, req: RouteRequest) -> dict[str, Any]:
+        if not result.ok:
+            return {"error": result.error, "replica_id": self.replica_id}
+        self.m_decisions.inc(tags={"model": result.model, "mode": result.mode})
+        out = {"response": dict(result.response(), replica_id=self.replica_id)}
+        if not req.log:
+            out["result"] = result  # the caller logs it later (with the upstream's cost)
+        return out
+
+    async def _run_batch(self, reqs: list[RouteRequest]) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self._decide_and_log, reqs)
+        except Exception as exc:  # noqa: BLE001 - a broken batch must not take the replica down
+            logger.exception("routing batch failed")
+            return [{"error": {"status": 500, "field": None, "message": f"routing failed: {exc}"}, "replica_id": self.replica_id}] * len(reqs)
+        self.m_batch.observe(len(reqs))
+        self.m_infer.observe((time.perf_counter() - start) * 1000.0)
+        return [self._package(r, q) for r, q in zip(results, reqs)]
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def route(self, reqs: list[RouteRequest]) -> list[dict[str, Any]]:
+        """One request per call; Serve gathers concurrent calls into ``reqs``."""
+        self._start_poller()
+        return await self._run_batch(reqs)
+
+    async def route_many(self, reqs: list[RouteRequest]) -> list[dict[str, Any]]:
+        """A whole bulk call, decided in chunks of max_batch_size (one forward each)."""
+        self._start_poller()
+        out: list[dict[str, Any]] = []
+        size = self.cfg.max_batch_size
+        for start in range(0, len(reqs), size):
+            out.extend(await self._run_batch(reqs[start : start + size]))
+        return out
+
+    async def log(self, results: list[RouteResult], upstream_costs: list[float | None]) -> None:
+        """Durably log decisions made with ``log=False`` (raises if the sink fails)."""
+        if results:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._emit, results, upstream_costs)
+
+    async def info(self) -> dict[str, Any]:
+        self._start_poller()
+        return {
+            "replica_id": self.replica_id,
+            "policy_version": self.core.policy_version,
+            "models": self.core.models,
+            "encoder_id": self.core.encoder_id,
+            "device": str(self.core.device),
+            "default_w_cost": _default_w_cost(self.cfg),
+            "default_mode": self.cfg.default_mode,
+            "max_prompt_chars": self.cfg.max_prompt_chars,
+        }
+
+    # -- weights refresh --
+
+    def _start_poller(self) -> None:
+        if self.cfg.parameter_server_name is None or (self._poll_task is not None and not self._poll_task.done()):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet (constructed outside one): started on the first call
+        self._poll_task = loop.create_task(self._poll_weights())
+
+    async def _poll_weights(self) -> None:
+        """Long-poll the ParameterServer forever; swap newer weights; report what this replica serves."""
+        import ray
+
+        cfg = self.cfg
+        actor = None
+        backoff = 0.25
+        while True:
+            try:
+                if actor is None:
+                    actor = await asyncio.to_thread(ray.get_actor, cfg.parameter_server_name, cfg.parameter_server_namespace)
+                known = max(self.core.policy_version, self._rejected_version)
+                snap: WeightsSnapshot | None = await actor.wait_for_newer.remote(known, cfg.weights_poll_timeout_s)
+                if snap is not None:
+                    try:
+                        version = await asyncio.to_thread(self.core.swap_weights, snap)
+                        self.m_swaps.inc()
+                        self.m_version.set(version, tags={"replica_id": self.replica_id})
+                        logger.info("replica %s now serves policy v%d", self.replica_id, version)
+                    except ValueError as exc:
+                        self._rejected_version = snap.policy_version
+                        logger.error("rejected weights v%d: %s", snap.policy_version, exc)
+                await actor.report_replica.remote(self.replica_id, self.core.policy_version)
+                backoff = 0.25
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - actor missing/restarting: retry, never crash
+                logger.warning("parameter server %r unavailable (%s); retrying in %.1fs", cfg.parameter_server_name, type(exc).__name__, backoff)
+                actor = None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, cfg.weights_retry_max_s)
+
+    def __del__(self):
+        try:
+            if self._poll_task is not None:
+                self._poll_task.cancel()
+            self.sink.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# --- Replay upstream ----------------------------------------------------------------------------------------
+
+
+@serve.deployment(name="ReplayUpstream", num_replicas=1)
+class ReplayUpstream:
+    """Starts the replay server (serve/replay.py) in this replica; ``url()`` gives its base URL."""
+
+    def __init__(self, config: dict[str, Any]):
+        from banditroute.serve.replay import ReplayIndex, ReplayServer
+
+        cfg = _router_config(config).replay
+        self.server = ReplayServer(ReplayIndex.from_path(cfg.data_path), cfg.host, cfg.port, cfg.stream_chunk_chars)
+        self.server.start()
+        logger.info("replay upstream at %s", self.server.base_url)
+
+    async def url(self) -> str:
+        return self.server.base_url
+
+    def __del__(self):
+        try:
+            self.server.stop()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# --- HTTP ingress ---------------------------------------------------------------------------------------------
+
+api = FastAPI(title="banditroute", description="LLM router that learns online from bandit feedback.")
+
+
+def _error_response(status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None,
+                    type_: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(error_body(message, field, type_), status_code=status, headers=headers)
+
+
+def _usage_cost(data: Any) -> float | None:
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    for key in ("cost_usd", "cost", "total_cost"):
+        value = usage.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+async def _relay_sse(resp, extension: dict[str, Any] | None) -> AsyncIterator[bytes]:
+    """Pass the upstream's SSE through, adding ``banditroute`` to the first data chunk."""
+    pending = extension
+    try:
+        async for line in resp.aiter_lines():
+            if pending is not None and line.startswith("data:") and line[5:].strip() not in ("", "[DONE]"):
+                try:
+                    chunk = json.loads(line[5:].strip())
+                    if isinstance(chunk, dict):
+                        chunk["banditroute"] = pending
+                        line = "data: " + json.dumps(chunk)
+                        pending = None
+                except ValueError:
+                    pass
+            yield (line + "\n").encode()
+    except Exception as exc:  # noqa: BLE001 - headers are gone: report in-band and end the stream
+        err = {"error": {"message": f"upstream stream broke: {type(exc).__name__}: {exc}", "type": "upstream_error"}}
+        yield f"data: {json.dumps(err)}\n\n".encode()
+    finally:
+        await resp.aclose()
+
+
+class UpstreamFailure(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@serve.deployment(name="RouterIngress")
+@serve.ingress(api)
+class RouterIngress:
+    """The HTTP API. Validation happens here; decisions in ``Router``; upstream calls here."""
+
+    def __init__(self, router: DeploymentHandle, replay: DeploymentHandle | None, config: dict[str, Any]):
+        self.router = router
+        self.replay = replay
+        self.cfg = _router_config(config)
+        self.replica_id = _replica_id()
+        self.default_w_cost = _default_w_cost(self.cfg)
+        self._models: list[str] | None = None
+        self._models_at = 0.0
+        self._client = None
+        self._replay_url: str | None = None
+        self.m_requests = _metric("counter", "banditroute_requests_total", "HTTP requests by endpoint and status.", ("endpoint", "status"))
+        self.m_latency = _metric("histogram", "banditroute_request_latency_ms", "HTTP request latency (ms).", ("endpoint",), LATENCY_BOUNDARIES_MS)
+        self.m_upstream_errors = _metric("counter", "banditroute_upstream_errors_total", "Upstream failures by model and kind.", ("model", "kind"))
+
+    # -- helpers --
+
+    async def models(self) -> list[str]:
+        """The pool, from a Router replica (cached for 10 s, so weight updates that change it show up)."""
+        if self._models is None or time.monotonic() - self._models_at > 10.0:
+            info = await self.router.info.remote()
+            self._models, self._models_at = list(info["models"]), time.monotonic()
+        return self._models
+
+    def _observe(self, endpoint: str, status: int, start: float) -> None:
+        self.m_requests.inc(tags={"endpoint": endpoint, "status": str(status)})
+        self.m_latency.observe((time.perf_counter() - start) * 1000.0, tags={"endpoint": endpoint})
+
+    async def _json(self, request: Request) -> Any:
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            raise RequestError(400, "body", "the body must be valid JSON") from None
+
+    @staticmethod
+    def _router_error(out: dict[str, Any], prefix: str = "") -> RequestError:
+        err = out["error"]
+        field = err.get("field")
+        return RequestError(int(err.get("status", 500)), f"{prefix}{field}" if field else prefix.rstrip(".") or None, err["message"])
+
+    async def _route_one(self, req: RouteRequest) -> dict[str, Any]:
+        out = await self.router.route.remote(req)
+        if "error" in out:
+            raise self._router_error(out)
+        return out
+
+    @staticmethod
+    def _unavailable(exc: Exception) -> JSONResponse:
+        logger.exception("request failed")
+        return _error_response(503, f"router unavailable: {type(exc).__name__}: {exc}"[:500], None, type_="unavailable")
+
+    def _finish(self, endpoint: str, start: float, response):
+        self._observe(endpoint, response.status_code, start)
+        return response
+
+    # -- Python API (DeploymentHandle callers: serve.get_app_handle(app_name).handle_route.remote(body)) --
+
+    async def handle_route(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Same as POST /v1/route, for in-cluster callers; raises RequestError on bad input."""
+        req = parse_route_body(
+            body, models=await self.models(), default_w_cost=self.default_w_cost,
+            default_mode=self.cfg.default_mode, max_prompt_chars=self.cfg.max_prompt_chars,
+        )
+        return (await self._route_one(req))["response"]
+
+    async def handle_route_batch(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Same as POST /v1/route/batch, for in-cluster callers."""
+        reqs = parse_batch_body(
+            body, models=await self.models(), default_w_cost=self.default_w_cost, default_mode=self.cfg.default_mode,
+            max_prompt_chars=self.cfg.max_prompt_chars, max_batch_requests=self.cfg.max_batch_requests,
+        )
+        outs = await self.router.route_many.remote(reqs)
+        results = []
+        for i, out in enumerate(outs):
+            if "error" in out:
+                err = out["error"]
+                results.append({"error": {"message": err["message"], "field": f"requests[{i}].{err['field']}" if err.get("field") else None}})
+            else:
+                results.append(out["response"])
+        return {"results": results}
+
+    # -- HTTP --
+
+    @api.post("/v1/route")
+    async def http_route(self, request: Request):
+        start = time.perf_counter()
+        try:
+            body = await self._json(request)
+            response = JSONResponse(await self.handle_route(body))
+        except RequestError as exc:
+            response = JSONResponse(exc.to_json(), status_code=exc.status)
+        except Exception as exc:  # noqa: BLE001 - e.g. no Router replica reachable: a JSON 503, not a bare 500
+            response = self._unavailable(exc)
+        return self._finish("route", start, response)
+
+    @api.post("/v1/route/batch")
+    async def http_route_batch(self, request: Request):
+        start = time.perf_counter()
+        try:
+            body = await self._json(request)
+            response = JSONResponse(await self.handle_route_batch(body))
+        except RequestError as exc:
+            response = JSONResponse(exc.to_json(), status_code=exc.status)
+        except Exception as exc:  # noqa: BLE001 - e.g. no Router replica reachable: a JSON 503, not a bare 500
+            response = self._unavailable(exc)
+        return self._finish("route_batch", start, response)
+
+    # --- BEGIN feedback route (issue 4; handler logic lives in banditroute/feedback/http.py) ---
+    @api.post("/v1/feedback")
+    async def http_feedback(self, request: Request):
+        from banditroute.feedback.http import feedback_target, handle_feedback
+
+        start = time.perf_counter()
+        try:
+            body = await self._json(request)
+        except RequestError as exc:
+            return self._finish("feedback", start, JSONResponse(exc.to_json(), status_code=exc.status))
+        status, payload, headers = await handle_feedback(body, **feedback_target(self.cfg))
+        return self._finish("feedback", start, JSONResponse(payload, status_code=status, headers=headers))
+    # --- END feedback route ---
+
+    @api.get("/healthz")
+    async def healthz(self):
+        start = time.perf_counter()
+        try:
+            info = await asyncio.wait_for(self.router.info.remote(), timeout=5.0)
+        except Exception as exc:  # noqa: BLE001 - not ready yet
+            return self._finish("healthz", start, _error_response(503, f"router not ready: {type(exc).__name__}", None, type_="unavailable"))
+        body = {
+            "status": "ok",
+            "policy_version": info["policy_version"],
+            "replica_id": info["replica_id"],
+            "ingress_replica_id": self.replica_id,
+            "models": info["models"],
+            "encoder_id": info["encoder_id"],
+            "device": info["device"],
+        }
+        return self._finish("healthz", start, JSONResponse(body))
+
+    @api.get("/v1/models")
+    async def list_models(self):
+        start = time.perf_counter()
+        try:
+            models = await self.models()
+        except Exception as exc:  # noqa: BLE001
+            return self._finish("models", start, _error_response(503, f"router not ready: {type(exc).__name__}", None, type_="unavailable"))
+        data = [{"id": self.cfg.router_model_name, "object": "model", "owned_by": "banditroute"}]
+        data += [{"id": m, "object": "model", "owned_by": "upstream"} for m in models]
+        return self._finish("models", start, JSONResponse({"object": "list", "data": data}))
+
+    # -- OpenAI-compatible proxy --
+
+    async def _upstream(self, model: str) -> tuple[str, dict[str, str], str, float]:
+        """(URL, headers, upstream model id, timeout) for a pool model."""
+        up = self.cfg.upstreams.get(model)
+        if up is not None:
+            headers = {}
+            key = up.api_key()
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            return up.base_url.rstrip("/") + "/chat/completions", headers, up.model or model, up.timeout_s
+        if self.replay is not None:
+            if self._replay_url is None:
+                self._replay_url = await self.replay.url.remote()
+            return self._replay_url.rstrip("/") + "/chat/completions", {}, model, 60.0
+        raise UpstreamFailure(502, f"no upstream is configured for model {model!r} (set upstreams.{model}.base_url)")
+
+    def _http(self):
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200))
+        return self._client
+
+    async def _call_upstream(self, model: str, body: dict[str, Any]):
+        """POST to the model's upstream. Non-stream: (status, json); stream: (status, httpx.Response open)."""
+        import httpx
+
+        url, headers, upstream_model, timeout_s = await self._upstream(model)
+        payload = dict(body, model=upstream_model)
+        stream = bool(body.get("stream", False))
+        client = self._http()
+        try:
+            if not stream:
+                resp = await client.post(url, json=payload, headers=headers, timeout=timeout_s)
+                if resp.status_code >= 500:
+                    raise UpstreamFailure(502, f"upstream for {model!r} answered {resp.status_code}: {resp.text[:500]}")
+                try:
+                    data = resp.json()
+                except ValueError:
+                    raise UpstreamFailure(502, f"upstream for {model!r} answered non-JSON (status {resp.status_code})") from None
+                return resp.status_code, data
+            request = client.build_request("POST", url, json=payload, headers=headers, timeout=timeout_s)
+            resp = await client.send(request, stream=True)
+            if resp.status_code != 200:
+                raw = await resp.aread()
+                await resp.aclose()
+                if resp.status_code >= 500:
+                    raise UpstreamFailure(502, f"upstream for {model!r} answered {resp.status_code}: {raw[:500].decode(errors='replace')}")
+                try:
+                    return resp.status_code, json.loads(raw)
+                except ValueError:
+                    raise UpstreamFailure(502, f"upstream for {model!r} answered {resp.status_code} with a non-JSON body") from None
+            return 200, resp
+        except httpx.TimeoutException:
+            self.m_upstream_errors.inc(tags={"model": model, "kind": "timeout"})
+            raise UpstreamFailure(504, f"upstream for {model!r} timed out after {timeout_s:g}s") from None
+        except httpx.HTTPError as exc:
+            self.m_upstream_errors.inc(tags={"model": model, "kind": "transport"})
+            raise UpstreamFailure(502, f"upstream for {model!r} is unreachable: {type(exc).__name__}: {exc}") from None
+        except UpstreamFailure:
+            self.m_upstream_errors.inc(tags={"model": model, "kind": "status"})
+            raise
+
+    async def _call_with_fallback(self, model: str, body: dict[str, Any]) -> tuple[str, int, Any]:
+        try:
+            status, data = await self._call_upstream(model, body)
+            return model, status, data
+        except UpstreamFailure as first:
+            fb = self.cfg.fallback_model
+            if fb is None or fb == model:
+                raise
+            logger.warning("upstream %s failed (%s); falling back to %s", model, first.message, fb)
+            try:
+                status, data = await self._call_upstream(fb, body)
+            except UpstreamFailure as second:
+                raise UpstreamFailure(second.status, f"{first.message}; fallback {fb!r} failed too: {second.message}") from None
+            return fb, status, data
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        start = time.perf_counter()
+        try:
+            response = await self._chat(await self._json(request))
+        except RequestError as exc:
+            response = JSONResponse(exc.to_json(), status_code=exc.status)
+        except Exception as exc:  # noqa: BLE001
+            response = self._unavailable(exc)
+        return self._finish("chat_completions", start, response)
+
+    async def _chat(self, body: Any):
+        if not isinstance(body, dict):
+            raise RequestError(400, "body", "the body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise RequestError(422, "model", f"model must be a string: {self.cfg.router_model_name!r} to route, or a pool model")
+        text = messages_to_text(body.get("messages"))
+        check_length(text, self.cfg.max_prompt_chars, "messages")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError(422, "stream", "stream must be true or false")
+        pool = await self.models()
+        forward = {k: v for k, v in body.items() if k not in ("preference", "candidates", "mode", "banditroute")}
+        if model != self.cfg.router_model_name:
+            if model not in pool:
+                raise RequestError(404, "model", f"unknown model {model!r}; use {self.cfg.router_model_name!r} or one of {pool}")
+            return await self._proxy(model, forward, stream, decision=None)
+        req = RouteRequest(
+            text=text,
+            w_cost=parse_preference(body.get("preference"), self.default_w_cost),
+            candidates=parse_candidates(body.get("candidates"), pool),
+            mode=parse_mode(body.get("mode"), self.cfg.default_mode),
+            log=stream,  # streams: logged now; non-stream: logged with the upstream's cost, before answering
+        )
+        out = await self._route_one(req)
+        return await self._proxy(out["response"]["model"], forward, stream, decision=out)
+
+    async def _log_deferred(self, decision: dict[str, Any] | None, cost: float | None) -> None:
+        if decision is not None and "result" in decision:
+            try:
+                await self.router.log.remote([decision["result"]], [cost])
+            except Exception as exc:  # noqa: BLE001 - do not acknowledge a decision that may be lost
+                raise RequestError(503, None, f"decision log unavailable: {exc}") from None
+
+    async def _proxy(self, model: str, forward: dict[str, Any], stream: bool, decision: dict[str, Any] | None):
+        info = decision["response"] if decision else None
+        headers = {HEADER_MODEL: model}
+        if info is not None:
+            headers[HEADER_DECISION] = info["decision_id"]
+            headers[HEADER_VERSION] = str(info["policy_version"])
+        try:
+            served, status, data = await self._call_with_fallback(model, forward)
+        except UpstreamFailure as exc:
+            await self._log_deferred(decision, None)
+            return _error_response(exc.status, exc.message, None, headers, type_="upstream_error")
+        if served != model:
+            headers[HEADER_FALLBACK] = model
+            headers[HEADER_MODEL] = served
+        extension = None
+        if info is not None:
+            extension = {
+                "decision_id": info["decision_id"],
+                "model": served,
+                "probability": info["probability"],
+                "policy_version": info["policy_version"],
+            }
+            if served != model:
+                extension["fallback_from"] = model
+        if not stream or status != 200:
+            cost = _usage_cost(data) if status == 200 else None
+            await self._log_deferred(decision, cost)
+            if isinstance(data, dict) and extension is not None:
+                data = dict(data, banditroute=extension)
+            return JSONResponse(data, status_code=status, headers=headers)
+        return StreamingResponse(
+            _relay_sse(data, extension), media_type="text/event-stream", headers=dict(headers, **{"cache-control": "no-cache"})
+        )
+
+
+# --- building the application ---------------------------------------------------------------------------------
+
+
+def _absolute(path: str | None) -> str | None:
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def resolve_config(cfg: RouterConfig) -> RouterConfig:
+    """Make relative paths absolute (replicas may run with another working directory)."""
+    from banditroute.data import resolve_data_path
+
+    cfg.policy = _absolute(cfg.policy)
+    if cfg.decision_sink == "local":
+        opts = dict(cfg.decision_sink_options)
+        opts["path"] = _absolute(str(opts.get("path", "runs/decisions")))
+        cfg.decision_sink_options = opts
+    if cfg.replay.enabled:
+        cfg.replay.data_path = str(resolve_data_path(cfg.replay.data_path).resolve())
+    return cfg
+
+
+def build_app(args: dict[str, Any] | RouterConfig | None = None) -> serve.Application:
+    """The banditroute Serve application (``banditroute.serve.app:build_app``).
+
+    ``args``: RouterConfig keys (nested ones as dicts or dotted keys), plus an
+    optional ``config`` YAML path that the other keys override.
+    """
+    if isinstance(args, RouterConfig):
+        cfg = args
+    else:
+        args = dict(args or {})
+        config_path = args.pop("config", None)
+        cfg = load_router_config(config_path, args)
+    cfg = resolve_config(cfg)
+    conf = to_dict(cfg)
+    conf["num_gpus"] = cfg.resolved_num_gpus()
+    router = Router.options(
+        num_replicas=cfg.num_replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": conf["num_gpus"]},
+        user_config={"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+    ).bind(conf)
+    replay = None
+    if cfg.replay.enabled:
+        replay = ReplayUpstream.options(ray_actor_options={"num_cpus": min(0.1, cfg.ingress_num_cpus) or 0.1}).bind(conf)
+    return RouterIngress.options(
+        num_replicas=cfg.ingress_replicas,
+        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+    ).bind(router, replay, conf)

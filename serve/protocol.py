@@ -1,0 +1,227 @@
+"""Request parsing and validation, shared by the HTTP ingress and the Python client.
+
+Everything a client can get wrong is caught here and raised as a
+``RequestError`` carrying the HTTP status (400/413/422) and the name of the
+offending field, which the ingress turns into
+``{"error": {"message": ..., "field": ...}}``. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from banditroute.policy.reward import PreferenceError, preference_to_w_cost
+from banditroute.serve.core import RouteRequest
+
+ROUTE_MODES = ("explore", "greedy")
+
+
+class RequestError(ValueError):
+    """A client error: HTTP ``status``, the ``field`` it is about, and a message."""
+
+    def __init__(self, status: int, field: str, message: str):
+        super().__init__(message)
+        self.status, self.field, self.message = int(status), field, message
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "field": self.field, "type": "invalid_request_error"}}
+
+
+def error_body(message: str, field: str | None = None, type_: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "field": field, "type": type_}}
+
+
+def _content_text(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict):
+                if part.get("type", "text") == "text":
+                    text = part.get("text")
+                    if not isinstance(text, str):
+                        raise RequestError(422, f"{where}[{i}].text", f"{where}[{i}].text must be a string")
+                    parts.append(text)
+                # non-text parts (images, audio) carry nothing the text encoder can use
+            else:
+                raise RequestError(422, f"{where}[{i}]", f"{where}[{i}] must be a string or a content part object")
+        return "\n".join(parts)
+    raise RequestError(422, where, f"{where} must be a string or a list of content parts")
+
+
+def messages_to_text(messages: Any, field: str = "messages") -> str:
+    """The text to embed for a chat: every message's content, in order, joined by newlines.
+
+    The encoder keeps the END of long inputs, so the last (user) message is
+    what survives truncation. A single message gives exactly its content, so
+    a chat holding one benchmark prompt embeds like that prompt.
+    """
+    if not isinstance(messages, list):
+        raise RequestError(422, field, f"{field} must be a list of message objects")
+    if not messages:
+        raise RequestError(422, field, f"{field} must not be empty")
+    texts = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise RequestError(422, f"{field}[{i}]", f"{field}[{i}] must be an object with 'role' and 'content'")
+        role = msg.get("role", "user")
+        if not isinstance(role, str):
+            raise RequestError(422, f"{field}[{i}].role", f"{field}[{i}].role must be a string")
+        text = _content_text(msg.get("content"), f"{field}[{i}].content")
+        if text:
+            texts.append(text)
+    joined = "\n".join(texts)
+    if not joined.strip():
+        raise RequestError(422, field, f"{field} contain no text content")
+    return joined
+
+
+def parse_preference(value: Any, default_w_cost: float, field: str = "preference") -> float:
+    """w_cost from ``{"quality": q, "cost": c}`` (a missing weight counts as 0); None -> the default."""
+    if value is None:
+        return default_w_cost
+    if not isinstance(value, dict):
+        raise RequestError(422, field, f"{field} must be an object like {{\"quality\": 0.7, \"cost\": 0.3}}")
+    unknown = sorted(set(value) - {"quality", "cost"})
+    if unknown:
+        raise RequestError(422, f"{field}.{unknown[0]}", f"{field}: unknown key {unknown[0]!r}; use 'quality' and 'cost'")
+    if not value:
+        raise RequestError(422, field, f"{field} must give 'quality' and/or 'cost'")
+    try:
+        return preference_to_w_cost(value.get("quality", 0.0), value.get("cost", 0.0))
+    except PreferenceError as exc:
+        message = str(exc)
+        sub = field
+        for key in ("quality", "cost"):
+            if message.startswith(f"preference.{key} ") and "+" not in message:
+                sub = f"{field}.{key}"
+        raise RequestError(422, sub, message.replace("preference", field)) from None
+
+
+def parse_candidates(value: Any, models: Sequence[str] | None, field: str = "candidates") -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise RequestError(422, field, f"{field} must be a list of model names")
+    if not value:
+        raise RequestError(422, field, f"{field} must not be empty (omit it to consider every model)")
+    out: list[str] = []
+    for i, name in enumerate(value):
+        if not isinstance(name, str):
+            raise RequestError(422, f"{field}[{i}]", f"{field}[{i}] must be a string")
+        if models is not None and name not in models:
+            raise RequestError(422, field, f"{field}: unknown model {name!r}; known: {list(models)}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def parse_mode(value: Any, default_mode: str, field: str = "mode") -> str:
+    if value is None:
+        return default_mode
+    if value not in ROUTE_MODES:
+        raise RequestError(422, field, f"{field} must be one of {list(ROUTE_MODES)}, got {value!r}")
+    return value
+
+
+def check_length(text: str, max_chars: int, field: str) -> None:
+    if len(text) > max_chars:
+        raise RequestError(413, field, f"{field} is {len(text)} characters long; the limit is {max_chars}")
+
+
+def parse_route_body(
+    body: Any,
+    *,
+    models: Sequence[str] | None,
+    default_w_cost: float,
+    default_mode: str,
+    max_prompt_chars: int,
+    prefix: str = "",
+    shared: dict[str, Any] | None = None,
+) -> RouteRequest:
+    """A /v1/route body -> RouteRequest (or RequestError naming the field).
+
+    ``shared`` gives defaults for preference/candidates/mode (batch calls);
+    ``prefix`` prefixes field names (``requests[3].``).
+    """
+    if not isinstance(body, dict):
+        raise RequestError(400 if not prefix else 422, prefix.rstrip(".") or "body", f"{prefix.rstrip('.') or 'the body'} must be a JSON object")
+    shared = shared or {}
+    has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
+    if has_prompt and has_messages:
+        raise RequestError(422, prefix + "prompt", "give either 'prompt' or 'messages', not both")
+    if has_prompt:
+        prompt = body["prompt"]
+        if not isinstance(prompt, str):
+            raise RequestError(422, prefix + "prompt", f"{prefix}prompt must be a string")
+        if not prompt.strip():
+            raise RequestError(422, prefix + "prompt", f"{prefix}prompt must not be empty")
+        text, text_field = prompt, prefix + "prompt"
+    elif has_messages:
+        text, text_field = messages_to_text(body["messages"], prefix + "messages"), prefix + "messages"
+    else:
+        raise RequestError(422, prefix + "prompt", f"missing {prefix}prompt: give 'prompt' (a string) or 'messages' (a list)")
+    check_length(text, max_prompt_chars, text_field)
+    w_cost = parse_preference(
+        body["preference"] if body.get("preference") is not None else shared.get("preference"),
+        default_w_cost,
+        prefix + "preference" if body.get("preference") is not None else "preference",
+    )
+    cand_value = body["candidates"] if "candidates" in body else shared.get("candidates")
+    candidates = parse_candidates(cand_value, models, prefix + "candidates" if "candidates" in body else "candidates")
+    mode = parse_mode(
+        body.get("mode", shared.get("mode")), default_mode, prefix + "mode" if "mode" in body else "mode"
+    )
+    return RouteRequest(text=text, w_cost=w_cost, candidates=candidates, mode=mode)
+
+
+def parse_batch_body(
+    body: Any,
+    *,
+    models: Sequence[str] | None,
+    default_w_cost: float,
+    default_mode: str,
+    max_prompt_chars: int,
+    max_batch_requests: int,
+) -> list[RouteRequest]:
+    """/v1/route/batch: ``{"prompts": [str, ...]}`` or ``{"requests": [route body, ...]}``.
+
+    Top-level ``preference``, ``candidates`` and ``mode`` apply to every item
+    that does not set its own.
+    """
+    if not isinstance(body, dict):
+        raise RequestError(400, "body", "the body must be a JSON object")
+    if ("prompts" in body) == ("requests" in body):
+        raise RequestError(422, "requests", "give exactly one of 'prompts' (list of strings) or 'requests' (list of route bodies)")
+    key = "prompts" if "prompts" in body else "requests"
+    items = body[key]
+    if not isinstance(items, list):
+        raise RequestError(422, key, f"{key} must be a list")
+    if not items:
+        raise RequestError(422, key, f"{key} must not be empty")
+    if len(items) > max_batch_requests:
+        raise RequestError(413, key, f"{key} has {len(items)} items; the limit is {max_batch_requests}")
+    shared = {k: body.get(k) for k in ("preference", "candidates", "mode") if k in body}
+    out = []
+    for i, item in enumerate(items):
+        if key == "prompts":
+            if not isinstance(item, str):
+                raise RequestError(422, f"prompts[{i}]", f"prompts[{i}] must be a string")
+            item = {"prompt": item}
+        out.append(
+            parse_route_body(
+                item,
+                models=models,
+                default_w_cost=default_w_cost,
+                default_mode=default_mode,
+                max_prompt_chars=max_prompt_chars,
+                prefix=f"{key}[{i}].",
+                shared=shared,
+            )
+        )
+    return out
