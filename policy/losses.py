@@ -14,7 +14,9 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the softmax over each row of masked logits (-inf entries contribute 0)."""
     logp = torch.log_softmax(logits, dim=-1)
     p = logp.exp()
-    return -(torch.where(p > 0, p * logp, torch.zeros_like(p))).sum(dim=-1)
+    # Zero the -inf log-probabilities BEFORE multiplying: 0 * -inf is NaN, and
+    # its gradient would poison every update that uses a candidate mask.
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(dim=-1)
 
 
 def reinforce_loss(

@@ -533,13 +533,13 @@ class PolicyRouter:
     name = "policy"
 
     def __init__(self, policy=None, config: PolicyRouterConfig | None = None) -> None:
-        from banditroute.policy.barp import RoutingPolicy
+        from banditroute.policy.checkpoint import load_policy
 
         self.config = config or PolicyRouterConfig()
         if policy is None:
             if not self.config.checkpoint:
                 raise ValueError("policy router: pass a loaded policy or set policy.checkpoint")
-            policy = RoutingPolicy.load(os.path.expanduser(self.config.checkpoint), device=self.config.device)
+            policy = load_policy(os.path.expanduser(self.config.checkpoint), device=self.config.device)
         self.policy = policy
 
     @property

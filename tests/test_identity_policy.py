@@ -297,3 +297,20 @@ def test_logits_accept_device_tensors_like_routing_policy(trained):
     np.testing.assert_allclose(logits[1:].numpy(), policy.logits(emb[1:3], np.array([0.5, 0.9])).numpy(), atol=1e-5)
     with pytest.raises(CandidateSetError):
         policy.logits(emb_t, 0.5, torch.zeros(3, k, dtype=torch.bool))
+
+
+def test_serving_core_routes_an_identity_policy_over_a_changing_pool(trained):
+    """The replica's inference core takes the identity policy as is: a model added
+    to the registry is offered and chosen by the next batch, no retraining, no restart."""
+    from banditroute.serve.core import RouteRequest, RouterCore
+
+    policy = fresh(trained[0])
+    _, data, _ = trained
+    core = RouterCore(policy, seed=0)
+    before = core.route_batch([RouteRequest(p, 0.5, None, "greedy") for p in data.prompts[:40]])
+    assert all(r.ok for r in before) and "big-but-free" not in before[0].probabilities
+    strong = policy.registry.get("big")
+    policy.registry.add("big-but-free", 0.0, strong.mu, strong.sigma, n_observations=30)
+    after = core.route_batch([RouteRequest(p, 0.5, ["big", "big-but-free"], "greedy") for p in data.prompts[:40]])
+    assert all(set(r.probabilities) == {"big", "big-but-free"} for r in after)
+    assert sum(r.model == "big-but-free" for r in after) > 30

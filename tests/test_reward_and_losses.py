@@ -46,6 +46,13 @@ def test_entropy_ignores_masked_models():
     assert entropy(logits).item() == pytest.approx(np.log(2))
 
 
+def test_masked_logits_give_finite_gradients():
+    logits = torch.tensor([[0.5, -0.2, float("-inf")]], requires_grad=True)
+    loss, _ = reinforce_loss(logits, torch.tensor([0]), torch.tensor([1.0]), torch.tensor([0.0]), entropy_coef=0.1)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_reinforce_gradient_moves_towards_positive_advantage():
     logits = torch.zeros(1, 3, requires_grad=True)
     loss, _ = reinforce_loss(logits, torch.tensor([1]), torch.tensor([1.0]), torch.tensor([0.0]), entropy_coef=0.0)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from banditroute.config import load_config, parse_set_args, to_dict
 from banditroute.data import DataError, load_routing_data
-from banditroute.policy.barp import RoutingPolicy
+from banditroute.policy.checkpoint import load_policy
 from banditroute.policy.encoders import DEFAULT_CACHE_DIR, embed_prompts
 from banditroute.policy.evaluate import build_report, evaluate_routers, parse_grid, render_markdown, write_report
 from banditroute.policy.routers import DEFAULT_ROUTERS, RoutersConfig, make_routers
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     grid = parse_grid(args.grid)
     names = [n.strip() for n in (args.routers or ",".join(DEFAULT_ROUTERS)).split(",") if n.strip()]
     config = load_config(RoutersConfig, overrides=parse_set_args(args.set))
-    policy = RoutingPolicy.load(args.policy)
+    policy = load_policy(args.policy)  # any kind: BaRP or identity
     train = load_routing_data(args.train)
     test = load_routing_data(args.test)
     if set(train.models) != set(test.models):
