@@ -22,9 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set train.epochs=50")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="embedding cache folder ('none' disables it)")
     parser.add_argument("--device", default="auto", help="torch device for the encoder: auto, cpu, cuda")
+    parser.add_argument("--kind", choices=["barp", "identity"], default="barp",
+                        help="barp: one output per model of the data (default); identity: IRT model identities, "
+                             "any candidate set, new models onboarded without retraining (banditroute onboard)")
 
 
-def load_train_configs(args: argparse.Namespace) -> tuple[TrainConfig, EncoderConfig]:
+def load_train_configs(args: argparse.Namespace, train_cls: type = TrainConfig) -> tuple[TrainConfig, EncoderConfig]:
     import yaml
 
     raw = {}
@@ -36,7 +39,7 @@ def load_train_configs(args: argparse.Namespace) -> tuple[TrainConfig, EncoderCo
     unknown = [k for k in overrides if not k.startswith(("train.", "encoder."))]
     if unknown:
         raise ValueError(f"--set: unknown section in {unknown}; use train.* or encoder.*")
-    train_cfg = load_config(TrainConfig, overrides={**_flatten(raw.get("train", {})), **train_over})
+    train_cfg = load_config(train_cls, overrides={**_flatten(raw.get("train", {})), **train_over})
     enc_cfg = load_config(EncoderConfig, overrides={**_flatten(raw.get("encoder", {})), **enc_over, "device": args.device})
     if args.seed is not None:
         train_cfg.seed = args.seed
@@ -55,11 +58,17 @@ def _flatten(section: dict, prefix: str = "") -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    train_cfg, enc_cfg = load_train_configs(args)
+    if args.kind == "identity":
+        from banditroute.policy.identity_policy import IdentityTrainConfig, train_identity_policy
+
+        train_cls, train_fn = IdentityTrainConfig, train_identity_policy
+    else:
+        train_cls, train_fn = TrainConfig, train_bandit_policy
+    train_cfg, enc_cfg = load_train_configs(args, train_cls)
     data = load_routing_data(resolve_data_path(args.data))
     cache_dir = None if args.cache_dir == "none" else args.cache_dir
     embeddings, encoder_id = embed_prompts(data.prompts, enc_cfg, cache_dir)
-    policy, env, history = train_bandit_policy(data, embeddings, train_cfg, enc_cfg, encoder_id)
+    policy, env, history = train_fn(data, embeddings, train_cfg, enc_cfg, encoder_id)
     out = Path(args.out)
     ckpt = policy.save(out / "policy")
     env.log_frame().to_parquet(out / "training_decisions.parquet", index=False)
