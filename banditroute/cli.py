@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "up": "banditroute.commands.up",
     "onboard": "banditroute.commands.onboard",
     "onboard-eval": "banditroute.commands.onboard_eval",
+    "serve-config": "banditroute.commands.serve_config",
 }
 
 

@@ -712,16 +712,39 @@ def resolve_config(cfg: RouterConfig) -> RouterConfig:
     return cfg
 
 
+def _storage_arg(args: dict[str, Any]) -> Any:
+    """Pop and validate the ``storage`` section (a mapping or ``storage.<key>`` dotted keys) of build_app args."""
+    from banditroute.config import set_dotted
+    from banditroute.storage import StorageConfig
+
+    section: dict[str, Any] = {}
+    if "storage" in args:
+        value = args.pop("storage")
+        if isinstance(value, StorageConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"storage: expected a mapping, got {type(value).__name__}")
+        section = dict(value)
+    for key in [k for k in args if k.startswith("storage.")]:
+        set_dotted(section, key[len("storage."):], args.pop(key))
+    return from_dict(StorageConfig, section, prefix="storage") if section else None
+
+
 def build_app(args: dict[str, Any] | RouterConfig | None = None) -> serve.Application:
     """The banditroute Serve application (``banditroute.serve.app:build_app``).
 
     ``args``: RouterConfig keys (nested ones as dicts or dotted keys), plus an
-    optional ``config`` YAML path that the other keys override.
+    optional ``config`` YAML path that the other keys override, plus an
+    optional ``storage`` section (StorageConfig keys, as the generated Serve
+    config and k8s serveConfigV2 pass it). ``storage`` is validated here but
+    not used yet: the app does not start the feedback/learner/parameter-server
+    actors itself (see docs/deploy.md, "Serve config from the app config").
     """
     if isinstance(args, RouterConfig):
         cfg = args
     else:
         args = dict(args or {})
+        _storage_arg(args)
         config_path = args.pop("config", None)
         cfg = load_router_config(config_path, args)
     cfg = resolve_config(cfg)
