@@ -24,12 +24,33 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
+class OverrideText(str):
+    """A value given as text (``--set key=value``, Serve args): parsed as YAML unless
+    the field it lands in is itself text, so ``decision_sink=null`` stays "null"
+    for a string field while ``limit=7`` becomes 7 for an integer one."""
+
+
+def _accepts_text(tp: Any) -> bool:
+    if tp in (str, Path, Any):
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts_text(arg) for arg in typing.get_args(tp) if arg is not type(None))
+    if origin is typing.Literal:
+        return all(isinstance(arg, str) for arg in typing.get_args(tp))
+    return False
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert ``value`` to the annotated type ``tp`` or raise ConfigError naming ``where``."""
+    if isinstance(value, OverrideText):
+        parsed = yaml.safe_load(str(value))
+        optional = type(None) in typing.get_args(tp)
+        value = str(value) if _accepts_text(tp) and not (optional and parsed is None) else parsed
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -175,7 +196,7 @@ def load_config(
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded
     for key, value in (overrides or {}).items():
-        set_dotted(data, key, yaml.safe_load(value) if isinstance(value, str) else value)
+        set_dotted(data, key, OverrideText(value) if isinstance(value, str) else value)
     return from_dict(cls, data)
 
 

@@ -31,7 +31,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from banditroute.config import ConfigError, from_dict, set_dotted
+from banditroute.config import ConfigError, OverrideText, from_dict, set_dotted
 from banditroute.feedback.service import FeedbackConfig
 from banditroute.learner.learner import LearnerConfig
 from banditroute.serve.config import RouterConfig
@@ -180,7 +180,7 @@ def app_config_from_dict(
     merged: dict = _deep_copy(dict(data or {}))
     for source in (env_overrides(environ), overrides or {}):
         for key, value in source.items():
-            set_dotted(merged, key, yaml.safe_load(value) if isinstance(value, str) else value)
+            set_dotted(merged, key, OverrideText(value) if isinstance(value, str) else value)
     try:
         return from_dict(AppConfig, merged)
     except ConfigError:

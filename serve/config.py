@@ -218,9 +218,9 @@ def load_router_config(path: str | os.PathLike | None = None, overrides: Mapping
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     section = loaded.get("serve") if isinstance(loaded.get("serve"), dict) else loaded
-    from banditroute.config import from_dict, set_dotted
+    from banditroute.config import OverrideText, from_dict, set_dotted
 
     data = dict(section)
     for key, value in (overrides or {}).items():
-        set_dotted(data, key, yaml.safe_load(value) if isinstance(value, str) else value)
+        set_dotted(data, key, OverrideText(value) if isinstance(value, str) else value)
     return from_dict(RouterConfig, data)

@@ -62,3 +62,22 @@ def test_yaml_and_overrides(tmp_path):
 def test_set_arg_needs_equals():
     with pytest.raises(ConfigError, match="key=value"):
         parse_set_args(["novalue"])
+
+
+@dataclass
+class Texts:
+    sink: str = "local"
+    """a name that may look like YAML"""
+    path: str | None = "x"
+    """optional text"""
+    count: int = 0
+    """a number"""
+
+
+def test_text_overrides_keep_text_fields_as_text():
+    cfg = load_config(Texts, overrides={"sink": "null", "count": "7"})
+    assert cfg.sink == "null" and cfg.count == 7
+    assert load_config(Texts, overrides={"sink": "true", "path": "null"}).path is None
+    assert load_config(Texts, overrides={"sink": "true"}).sink == "true"
+    with pytest.raises(ConfigError, match="count"):
+        load_config(Texts, overrides={"count": "many"})

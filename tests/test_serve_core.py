@@ -348,3 +348,11 @@ def test_clipping_long_texts_keeps_token_ids_exact(minilm_core):
     assert torch.equal(clipped["attention_mask"], full["attention_mask"])
     for text in texts:  # row by row too (padding differs per batch)
         assert torch.equal(core.tokenize([text])["input_ids"], core.encoder.tokenize([text])["input_ids"])
+
+
+def test_router_config_text_override_null_sink_is_the_null_sink():
+    from banditroute.serve.config import load_router_config
+
+    base = {"policy": "/ckpt/policy"}
+    assert load_router_config(None, {**base, "decision_sink": "null"}).decision_sink == "null"
+    assert load_router_config(None, {**base, "max_batch_size": "16"}).max_batch_size == 16
