@@ -122,21 +122,11 @@ def get_or_create_feedback_actor(
     num_cpus: float = 0.0,
 ) -> Any:
     """The named, detached, restartable feedback actor (created if missing)."""
-    import ray
+    from banditroute.actors import get_or_create_detached_actor
 
-    return (
-        ray.remote(FeedbackActor)
-        .options(
-            name=name,
-            namespace=namespace,
-            get_if_exists=True,
-            lifetime="detached",
-            max_restarts=-1,
-            max_task_retries=0,
-            max_concurrency=10_000,
-            num_cpus=num_cpus,
-        )
-        .remote(config, storage, learner_name, namespace)
+    return get_or_create_detached_actor(
+        FeedbackActor, name, namespace, config, storage, learner_name, namespace,
+        max_concurrency=10_000, num_cpus=num_cpus, max_task_retries=0,
     )
 
 

@@ -160,23 +160,14 @@ def get_or_create_learner_actor(
     constructor arguments only as long as their owner (this driver) lives, so
     a restart after the driver is gone must not depend on them.
     """
-    import ray
+    from banditroute.actors import get_or_create_detached_actor
 
     if initial_state is not None and storage is not None:
         seed_checkpoint(initial_state, storage, _prefix(config))
         initial_state = None
-    return (
-        ray.remote(LearnerActor)
-        .options(
-            name=name,
-            namespace=namespace,
-            get_if_exists=True,
-            lifetime="detached",
-            max_restarts=-1,
-            max_concurrency=4,
-            num_cpus=num_cpus,
-        )
-        .remote(config, storage, initial_state, parameter_server_name, namespace)
+    return get_or_create_detached_actor(
+        LearnerActor, name, namespace, config, storage, initial_state, parameter_server_name, namespace,
+        max_concurrency=4, num_cpus=num_cpus,
     )
 
 

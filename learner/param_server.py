@@ -168,18 +168,11 @@ def get_or_create_parameter_server(
     ``checkpoint_storage`` (a StorageConfig) lets a restarted actor reload
     the newest checkpoint under ``checkpoint_prefix``.
     """
-    import ray
+    from banditroute.actors import get_or_create_detached_actor
 
-    actor_cls = ray.remote(ParameterServer)
-    return actor_cls.options(
-        name=name,
-        namespace=namespace,
-        get_if_exists=True,
-        lifetime="detached",
-        max_restarts=-1,
-        max_concurrency=10_000,
-        num_cpus=0,
-    ).remote(checkpoint_storage, checkpoint_prefix)
+    return get_or_create_detached_actor(
+        ParameterServer, name, namespace, checkpoint_storage, checkpoint_prefix, max_concurrency=10_000, num_cpus=0
+    )
 
 
 def get_parameter_server(name: str = PARAMETER_SERVER_NAME, namespace: str | None = NAMESPACE) -> Any:

@@ -29,37 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="torch device for the encoder: auto, cpu, cuda")
 
 
-def _flatten(section: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (section or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def load_configs(args: argparse.Namespace):
-    import yaml
-
-    from banditroute.config import load_config, parse_set_args
-    from banditroute.policy.encoders import EncoderConfig
+    from banditroute.commands.train import load_train_and_encoder_configs
     from banditroute.policy.identity_policy import IdentityTrainConfig
 
-    raw = {}
-    if args.config:
-        raw = yaml.safe_load(Path(args.config).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{args.config}: the top level must be a mapping")
-    overrides = parse_set_args(args.set)
-    unknown = [k for k in overrides if not k.startswith(("train.", "encoder."))]
-    if unknown:
-        raise ValueError(f"--set: unknown section in {unknown}; use train.* or encoder.*")
-    train_over = {k[len("train."):]: v for k, v in overrides.items() if k.startswith("train.")}
-    enc_over = {k[len("encoder."):]: v for k, v in overrides.items() if k.startswith("encoder.")}
-    train_cfg = load_config(IdentityTrainConfig, overrides={**_flatten(raw.get("train", {})), **train_over})
-    enc_cfg = load_config(EncoderConfig, overrides={**_flatten(raw.get("encoder", {})), **enc_over, "device": args.device})
+    train_cfg, enc_cfg = load_train_and_encoder_configs(args.config, args.set, args.device, IdentityTrainConfig)
     if args.epochs is not None:
         train_cfg.epochs = args.epochs
         train_cfg.validate()

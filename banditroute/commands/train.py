@@ -28,21 +28,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_train_configs(args: argparse.Namespace, train_cls: type = TrainConfig) -> tuple[TrainConfig, EncoderConfig]:
+    """The `train:` and `encoder:` configs from --config YAML, --set overrides, --device and --seed."""
+    train_cfg, enc_cfg = load_train_and_encoder_configs(args.config, args.set, args.device, train_cls)
+    if args.seed is not None:
+        train_cfg.seed = args.seed
+    return train_cfg, enc_cfg
+
+
+def load_train_and_encoder_configs(config_path: str | None, set_pairs: list[str] | None, device: str, train_cls: type):
+    """(train_cls, EncoderConfig) from an optional YAML file with `train:`/`encoder:` sections
+    and `train.*` / `encoder.*` overrides; shared by every command that trains a policy."""
     import yaml
 
     raw = {}
-    if args.config:
-        raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    overrides = parse_set_args(args.set)
-    train_over = {k[len("train."):]: v for k, v in overrides.items() if k.startswith("train.")}
-    enc_over = {k[len("encoder."):]: v for k, v in overrides.items() if k.startswith("encoder.")}
+    if config_path:
+        raw = yaml.safe_load(Path(config_path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{config_path}: the top level must be a mapping")
+    overrides = parse_set_args(set_pairs)
     unknown = [k for k in overrides if not k.startswith(("train.", "encoder."))]
     if unknown:
         raise ValueError(f"--set: unknown section in {unknown}; use train.* or encoder.*")
+    train_over = {k[len("train."):]: v for k, v in overrides.items() if k.startswith("train.")}
+    enc_over = {k[len("encoder."):]: v for k, v in overrides.items() if k.startswith("encoder.")}
     train_cfg = load_config(train_cls, overrides={**_flatten(raw.get("train", {})), **train_over})
-    enc_cfg = load_config(EncoderConfig, overrides={**_flatten(raw.get("encoder", {})), **enc_over, "device": args.device})
-    if args.seed is not None:
-        train_cfg.seed = args.seed
+    enc_cfg = load_config(EncoderConfig, overrides={**_flatten(raw.get("encoder", {})), **enc_over, "device": device})
     return train_cfg, enc_cfg
 
 
