@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "onboard": "banditroute.commands.onboard",
     "onboard-eval": "banditroute.commands.onboard_eval",
     "serve-config": "banditroute.commands.serve_config",
+    "train-from-log": "banditroute.commands.train_from_log",
 }
 
 

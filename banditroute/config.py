@@ -209,3 +209,22 @@ def parse_set_args(pairs: list[str] | None) -> dict[str, str]:
         key, value = pair.split("=", 1)
         out[key.strip()] = value
     return out
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring line under each field of a config dataclass (for --help texts)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs

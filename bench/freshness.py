@@ -101,8 +101,12 @@ def main() -> int:
     policy = starting_policy(UpConfig(encoder=args.encoder), data)
     run_dir = Path("runs") / "bench-storage" / time.strftime("freshness-%Y%m%d-%H%M%S")  # data, not results: kept out of git
     storage = StorageConfig(uri=str(run_dir.resolve()))
+    from banditroute.security import SecurityConfig, ensure_local_secret
+
+    secret_env = SecurityConfig().token_secret_env
+    ensure_local_secret(SecurityConfig())  # the replicas sign decision tokens
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}})
+             runtime_env={"env_vars": {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", secret_env)}})
     results: dict = {
         "command": "python " + " ".join(sys.argv),
         "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "gpu": None, "loadavg_at_start": os.getloadavg()},

@@ -111,7 +111,11 @@ def _start_server(args, tmp: str) -> tuple[str, object]:
         key, value = pair.split("=", 1)
         overrides[key] = value
     cfg = load_router_config(None, overrides)
-    env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM") if k in os.environ}
+    from banditroute.security import ensure_local_secret
+
+    ensure_local_secret(cfg.security)  # the ingress signs decision tokens
+    env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", cfg.security.token_secret_env)
+           if k in os.environ}
     # Ray starts worker processes (the replicas) at nice 15; the raw run in this process is at
     # nice 0. On a box shared with other work that alone skews served/raw, so by default the
     # replicas get the same niceness as the raw run (--worker-niceness 15 = Ray's default).

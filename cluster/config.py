@@ -8,6 +8,7 @@ A single YAML file (see ``configs/app.example.yaml``) holds every section::
     feedback: the feedback actor (feedback.service.FeedbackConfig)
     learner:  the online learner (learner.learner.LearnerConfig)
     storage:  checkpoints, event log, registry (banditroute.storage.StorageConfig)
+    online:   whether the app starts the loop's actors itself (cluster.online.OnlineConfig)
     prices:   expected USD cost of one call per pool model
 
 Secrets never go in the file: upstreams and storage name the ENVIRONMENT
@@ -31,6 +32,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from banditroute.cluster.online import OnlineConfig, actor_names
 from banditroute.config import ConfigError, OverrideText, from_dict, set_dotted
 from banditroute.feedback.service import FeedbackConfig
 from banditroute.learner.learner import LearnerConfig
@@ -143,8 +145,10 @@ class AppConfig:
     """The online learner."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Durable state: s3://bucket/prefix on a cluster, a local folder in local mode."""
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    """The online loop (feedback, learner, parameter server) started with the application."""
     prices: dict[str, float] = field(default_factory=dict)
-    """Expected USD cost of one call per pool model (model -> USD/call)."""
+    """Expected USD cost of one call per pool model (model -> USD/call): feedback's default cost, identity registries."""
 
     def validate(self) -> None:
         for model, price in self.prices.items():
@@ -182,6 +186,14 @@ def app_config_from_dict(
         for key, value in source.items():
             set_dotted(merged, key, OverrideText(value) if isinstance(value, str) else value)
     try:
+        online = merged.get("online")
+        if isinstance(online, dict):
+            # The loop's parameter server is where the routers get weights: a router
+            # section without a policy is complete once the loop is on.
+            section = from_dict(OnlineConfig, online, prefix="online")
+            router = merged.setdefault("router", {})
+            if section.enabled and isinstance(router, dict) and router.get("parameter_server_name") is None:
+                router["parameter_server_name"] = actor_names(section.actor_prefix)["parameter_server"]
         return from_dict(AppConfig, merged)
     except ConfigError:
         raise

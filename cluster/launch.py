@@ -39,6 +39,11 @@ def start_ray(app: AppConfig, **init_kwargs: Any) -> bool:
         return False
     env_vars = dict(app.serve.env_vars)
     if app.start.mode == "local":
+        from banditroute.security import ensure_local_secret
+
+        # An embedded Ray's processes inherit this environment: a missing token
+        # secret is generated here (ephemeral), never written to any config.
+        ensure_local_secret(app.router.security)
         kwargs: dict[str, Any] = {"namespace": app.start.namespace, "runtime_env": {"env_vars": env_vars}}
         if app.start.num_cpus is not None:
             kwargs["num_cpus"] = app.start.num_cpus
@@ -51,8 +56,28 @@ def start_ray(app: AppConfig, **init_kwargs: Any) -> bool:
 
 def _router_args(router: RouterConfig) -> dict[str, Any]:
     """RouterConfig keys that differ from the defaults (build_app fills in the rest)."""
-    current, default = to_dict(router), to_dict(RouterConfig())
-    return {k: v for k, v in current.items() if k not in _PROXY_KEYS and v != default[k]}
+    changed = _diff(to_dict(router), to_dict(RouterConfig()))
+    return {k: v for k, v in changed.items() if k not in _PROXY_KEYS}
+
+
+def _diff(current: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+    """Keys of ``current`` that differ from ``default``; nested sections keep only their changed keys."""
+    out: dict[str, Any] = {}
+    for key, value in current.items():
+        base = default.get(key)
+        if isinstance(value, dict) and isinstance(base, dict) and base:
+            nested = _diff(value, base)
+            if nested:
+                out[key] = nested
+        elif value != base:
+            out[key] = value
+    return out
+
+
+def _changed(section: Any, keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keys of a config section that differ from its defaults (plus ``keep``)."""
+    current, default = to_dict(section), to_dict(type(section)())
+    return {k: v for k, v in current.items() if k in keep or v != default[k]}
 
 
 def serve_config_from_app(app: AppConfig) -> dict[str, Any]:
@@ -66,7 +91,14 @@ def serve_config_from_app(app: AppConfig) -> dict[str, Any]:
     """
     r = app.router
     args = _router_args(r)
-    args["storage"] = {k: v for k, v in to_dict(app.storage).items() if k in ("uri", "region") or v != to_dict(type(app.storage)())[k]}
+    args["storage"] = _changed(app.storage, keep=("uri", "region"))
+    if app.prices:
+        args["prices"] = dict(app.prices)
+    if app.online.enabled:
+        # The builder starts the loop's actors: it needs their settings too.
+        args["online"] = _changed(app.online, keep=("enabled",))
+        args["feedback"] = to_dict(app.feedback)
+        args["learner"] = to_dict(app.learner)
 
     ingress: dict[str, Any] = {
         "name": INGRESS_DEPLOYMENT,

@@ -15,7 +15,9 @@ Methods (all async; call with ``.remote()``):
   "duplicate" | "late" | "unknown" | "invalid" | "unavailable", ...}``;
   "accepted" only once the joined event is durable.
 - ``submit_rewards(list[RewardRecord]) -> list[dict]``: many at once.
-- ``stats() -> dict``: join counters, log writes, learner delivery.
+- ``stats() -> dict``: join counters, log writes, learner delivery, and the
+  storage-outage spool (``spooled``, ``drained``, ``spool_full_rejections``,
+  ``spool_depth``, ``recovery_pending``).
 - ``flush(timeout_s) -> dict``: hand every queued event to the learner now.
 - ``events_in_log() -> int``: rows in the durable event log.
 """
@@ -65,7 +67,14 @@ class FeedbackActor:
         self._learner = None
         self.service = FeedbackService(config, EventLog(open_storage(storage)), deliver=self._deliver)
         if config.recover_on_start:
-            recovered = self.service.recover()
+            try:
+                recovered = self.service.recover()
+            except Exception as exc:  # noqa: BLE001 - raising here would crash-loop the restarts
+                # Stay up: rewards for ids only the log knows answer 'unavailable'
+                # until the drain loop's retry of the recovery succeeds.
+                logger.error("feedback actor recovery failed (%s); retrying in the background", exc)
+                self.service.recovery_pending = True
+                recovered = {"failed": 1}
             logger.info("feedback actor recovered %s", recovered)
 
     async def _deliver(self, table: pa.Table) -> Any:

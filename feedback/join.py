@@ -50,6 +50,8 @@ class JoinConfig:
     """Most decisions awaiting a reward; beyond it the oldest expire early (counted as pending_overflow)."""
     max_remembered: int = 2_000_000
     """Most finished decision ids remembered (oldest forgotten first)."""
+    prices: dict[str, float] = field(default_factory=dict)
+    """Expected USD per call by model: the cost used when neither the reward nor the upstream reported one (else 0)."""
 
     def validate(self) -> None:
         if not (self.window_s > 0 and math.isfinite(self.window_s)):
@@ -62,6 +64,15 @@ class JoinConfig:
             raise ValueError("join.remember_s must be >= 0")
         if self.max_pending < 1 or self.max_remembered < 1:
             raise ValueError("join.max_pending and join.max_remembered must be >= 1")
+        for model, price in self.prices.items():
+            if isinstance(price, bool) or not isinstance(price, (int, float)) or not (math.isfinite(price) and price >= 0):
+                raise ValueError(f"join.prices.{model} must be a finite number >= 0 (USD per call)")
+
+    def default_cost(self, decision: DecisionRecord) -> float:
+        """Cost of a decision whose reward names none: the upstream's report, else the model's price, else 0."""
+        if decision.upstream_cost is not None:
+            return float(decision.upstream_cost)
+        return float(self.prices.get(decision.chosen_model, 0.0))
 
 
 class RewardStatus(str, Enum):
@@ -213,7 +224,7 @@ class RewardJoiner:
                 return RewardOutcome(RewardStatus.LATE, finished_as=self._finished_status(did))
             cost = reward.cost
             if cost is None:
-                cost = decision.upstream_cost if decision.upstream_cost is not None else 0.0
+                cost = self.config.default_cost(decision)
             event = JoinedEvent(decision, float(reward.score), float(cost), float(reward.time), Finished.REWARDED.value)
             del self._pending[did]
             self._committing[did] = event
@@ -284,7 +295,7 @@ class RewardJoiner:
             self.counters.expired_dropped += 1
             self._finish(did, Finished.DROPPED, now)
             return None
-        cost = decision.upstream_cost if decision.upstream_cost is not None else 0.0
+        cost = self.config.default_cost(decision)
         event = JoinedEvent(
             decision, float(self.config.default_score), float(cost), decision.time + self.config.window_s,
             Finished.DEFAULTED.value,

@@ -97,6 +97,14 @@ class EventLog:
         self._seq += 1
         return f"{_hour_folder(prefix, now)}/part-{int(now * 1000):013d}-{self.writer_id}-{self._seq:08d}.parquet"
 
+    def part_key(self, prefix: str, now: float | None = None) -> str:
+        """A fresh key for a part of stream ``prefix`` (what a spooled part will be called in the log)."""
+        return self._part_key(prefix, time.time() if now is None else now)
+
+    def write_part(self, key: str, data: bytes) -> None:
+        """Write an already-encoded Parquet part under ``key`` (replaces it: repeating a drain is harmless)."""
+        self.storage.write_bytes(key, data)
+
     def _append(self, prefix: str, table: pa.Table, now: float | None) -> str:
         key = self._part_key(prefix, time.time() if now is None else now)
         self.storage.write_parquet(key, table)

@@ -17,6 +17,12 @@ asyncio so its ordering guarantees are tested without a cluster:
    time (backpressure: while the learner is busy, the next batch grows).
 4. A sweep closes expired windows (default reward or drop) every
    ``sweep_interval_s``.
+5. Storage outages: a write that storage refuses (``StorageUnavailable``)
+   goes to a bounded, fsync'd spool on local disk (``feedback/spool.py``)
+   and is acknowledged from there; a background loop drains the spool to
+   the log in order when storage answers again. A full spool is
+   back-pressure: rewards answer 'unavailable' ("event buffer full ...")
+   and decision batches raise (the replicas answer 503).
 
 Recovery (``recover()``, at start): the event log tells which decisions
 finished (rewarded/defaulted); the decision log of the last window gives the
@@ -30,9 +36,12 @@ once in the log; OPE and offline retraining read the log).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
+import tempfile
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -45,8 +54,18 @@ from banditroute.feedback.join import (
     RewardStatus,
     RewardValidationError,
 )
-from banditroute.feedback.log import EventLog
-from banditroute.records import DecisionRecord, JoinedEvent, RewardRecord, decisions_from_table, events_to_table
+from banditroute.feedback.log import DECISIONS_PREFIX, EVENTS_PREFIX, LATE_PREFIX, LATE_SCHEMA, EventLog
+from banditroute.feedback.spool import LocalSpool, SpoolFull, table_to_parquet_bytes
+from banditroute.records import (
+    DECISION_SCHEMA,
+    DecisionRecord,
+    JoinedEvent,
+    RewardRecord,
+    decisions_from_table,
+    decisions_to_table,
+    events_to_table,
+)
+from banditroute.storage import StorageUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +98,15 @@ class FeedbackConfig:
     unknown_grace_s: float = 2.0
     """Seconds a reward for a not-yet-seen decision id waits for the decision record before 'unknown'."""
     sweep_interval_s: float = 1.0
-    """Seconds between window-expiry sweeps (and retries of failed decision-log writes)."""
+    """Seconds between window-expiry sweeps."""
     recover_on_start: bool = True
     """Rebuild pending/finished decisions from the logs when the actor starts."""
+    spool_dir: str | None = None
+    """Local folder for log parts written while storage is unavailable (fsync'd, drained in order when it returns); None = <temp dir>/banditroute-spool/<hash of the log URI>, which a restarted actor on the same node finds again."""
+    spool_max_events: int = 100_000
+    """Most rows (events + decisions) waiting in the spool; beyond it rewards get 503 'event buffer full' and decision batches fail (0 = no spool: a write storage refuses answers 'unavailable')."""
+    spool_drain_interval_s: float = 1.0
+    """Seconds between tries to drain the spool to storage (and to finish a recovery that a storage outage interrupted)."""
 
     def validate(self) -> None:
         self.join.validate()
@@ -91,6 +116,12 @@ class FeedbackConfig:
                 raise ValueError(f"feedback.{name} must be >= 0")
         if self.sweep_interval_s <= 0:
             raise ValueError("feedback.sweep_interval_s must be > 0")
+        if not (self.spool_drain_interval_s > 0 and math.isfinite(self.spool_drain_interval_s)):
+            raise ValueError("feedback.spool_drain_interval_s must be > 0")
+        if self.spool_max_events < 0:
+            raise ValueError("feedback.spool_max_events must be >= 0")
+        if self.spool_dir is not None and not str(self.spool_dir).strip():
+            raise ValueError("feedback.spool_dir must be a folder path or null")
         for name in ("max_rows_per_part", "learner_batch_size", "learner_max_batch", "learner_max_backlog"):
             if getattr(self, name) < 1:
                 raise ValueError(f"feedback.{name} must be >= 1")
@@ -101,6 +132,12 @@ Deliver = Callable[[pa.Table], Awaitable[Any]]
 
 class BatchRejected(Exception):
     """Raised by a ``deliver`` callback when the learner is reachable but failed on this batch (not retried)."""
+
+
+def default_spool_dir(log_uri: str) -> str:
+    """<temp dir>/banditroute-spool/<hash of the log URI>: stable across restarts on one node, one per log."""
+    digest = hashlib.sha256(log_uri.encode("utf-8")).hexdigest()[:16]
+    return str(Path(tempfile.gettempdir()) / "banditroute-spool" / digest)
 
 
 class FeedbackService:
@@ -125,7 +162,13 @@ class FeedbackService:
         self._late = GroupCommitter(self._write_late, config.event_flush_wait_s, config.max_rows_per_part)
         self._arrivals: dict[str, asyncio.Event] = {}
         self._inflight: dict[str, asyncio.Future] = {}
-        self._decision_retry: list[DecisionRecord] = []
+        self.spool: LocalSpool | None = None
+        if config.spool_max_events > 0:
+            self.spool = LocalSpool(config.spool_dir or default_spool_dir(log.storage.uri_for()), config.spool_max_events)
+        # True while recover() could not read the log (storage down): rewards for ids it would have restored wait.
+        self.recovery_pending = False
+        self.storage_errors = 0
+        self.last_storage_error: str | None = None
         self._deliver_lock: asyncio.Lock | None = None
         self._ship_wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
@@ -139,17 +182,52 @@ class FeedbackService:
     # --- lifecycle ------------------------------------------------------------
 
     def recover(self) -> dict[str, int]:
-        """Rebuild join state from the logs (synchronous; call before serving)."""
+        """Rebuild join state from the logs and the spool (synchronous; call before serving).
+
+        Spooled parts count like logged ones (they were acknowledged). When
+        storage is unavailable, the spool alone is restored, ``recovery_pending``
+        is set and the drain loop finishes the recovery once storage answers;
+        meanwhile rewards for ids not known yet answer 'unavailable' (not
+        'unknown'), so a retried reward can never be accepted twice.
+        """
         now = self.clock()
+        finished, decisions = self._spooled_state()
+        try:
+            log_finished, log_decisions = self._logged_state(now)
+        except StorageUnavailable as exc:
+            if self.spool is None:
+                raise
+            self._note_storage_error(exc)
+            self.recovery_pending = True
+            pending = self.joiner.restore(decisions, finished, now)
+            self.recovered = {"finished": len(finished), "decisions_read": len(decisions), "pending": pending,
+                              "storage_unavailable": 1}
+            logger.warning("feedback recovery: storage unavailable (%s); restored the spool only, will retry", exc)
+            return self.recovered
+        finished = {**log_finished, **finished}
+        decisions = log_decisions + decisions
+        pending = self.joiner.restore(decisions, finished, now)
+        self.recovery_pending = False
+        self.recovered = {"finished": len(finished), "decisions_read": len(decisions), "pending": pending}
+        return self.recovered
+
+    def _logged_state(self, now: float) -> tuple[dict[str, str], list[DecisionRecord]]:
         cfg = self.config.join
         finished_tbl = self.log.read_events(
             since=now - cfg.window_s - cfg.remember_s - _DECISION_LOG_SLACK_S, columns=["decision_id", "join_status"]
         )
         finished = dict(zip(finished_tbl.column("decision_id").to_pylist(), finished_tbl.column("join_status").to_pylist()))
         decisions = decisions_from_table(self.log.read_decisions(since=now - cfg.window_s - _DECISION_LOG_SLACK_S))
-        pending = self.joiner.restore(decisions, finished, now)
-        self.recovered = {"finished": len(finished), "decisions_read": len(decisions), "pending": pending}
-        return self.recovered
+        return finished, decisions
+
+    def _spooled_state(self) -> tuple[dict[str, str], list[DecisionRecord]]:
+        if self.spool is None:
+            return {}, []
+        events = self.spool.read_table(EVENTS_PREFIX, ["decision_id", "join_status"])
+        finished = {} if events is None else dict(zip(events.column("decision_id").to_pylist(), events.column("join_status").to_pylist()))
+        decisions_tbl = self.spool.read_table(DECISIONS_PREFIX)
+        decisions = [] if decisions_tbl is None else decisions_from_table(decisions_tbl.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA))
+        return finished, decisions
 
     def start(self) -> None:
         """Start the background loops (needs a running event loop; idempotent)."""
@@ -159,6 +237,7 @@ class FeedbackService:
         self._ship_wakeup = asyncio.Event()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._sweep_loop()), loop.create_task(self._ship_loop())]
+        self._tasks.append(loop.create_task(self._drain_loop()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -173,19 +252,109 @@ class FeedbackService:
     # --- durable writes (run in a worker thread by the group committers) -----
 
     def _write_events(self, events: list[JoinedEvent]) -> str:
-        return self.log.append_events(events)
+        return self._durable(EVENTS_PREFIX, lambda: self.log.append_events(events), lambda: events_to_table(events))
 
     def _write_decisions(self, decisions: list[DecisionRecord]) -> str:
-        return self.log.append_decisions(decisions)
+        return self._durable(DECISIONS_PREFIX, lambda: self.log.append_decisions(decisions), lambda: decisions_to_table(decisions))
 
     def _write_late(self, rewards: list[tuple[RewardRecord, str]]) -> str:
-        return self.log.append_late(rewards)
+        def table() -> pa.Table:
+            rows = [{"decision_id": r.decision_id, "score": float(r.score), "cost": r.cost, "time": float(r.time),
+                     "finished_as": why} for r, why in rewards]
+            return pa.Table.from_pylist(rows, schema=LATE_SCHEMA)
+
+        return self._durable(LATE_PREFIX, lambda: self.log.append_late(rewards), table)
+
+    def _durable(self, prefix: str, append: Callable[[], str], table: Callable[[], pa.Table]) -> str:
+        """Write one part to the log, or to the local spool while storage is unavailable; returns its log key.
+
+        While parts wait in the spool, new parts queue behind them (no storage
+        call per request during an outage; the drain keeps the log's order).
+        Raises SpoolFull when the spool has no room, other errors as they come.
+        """
+        if self.spool is None:
+            return append()
+        if not self.spool.active:
+            try:
+                return append()
+            except StorageUnavailable as exc:
+                self._note_storage_error(exc)
+                logger.warning("storage unavailable; spooling %s parts locally until it returns (%s)", prefix, exc)
+        part = table()
+        key = self.log.part_key(prefix)
+        self.spool.put(key, table_to_parquet_bytes(part), part.num_rows)
+        return key
+
+    def _note_storage_error(self, exc: BaseException) -> None:
+        self.storage_errors += 1
+        self.last_storage_error = str(exc)[:500]
+
+    # --- spool drain -------------------------------------------------------------
+
+    def drain_spool(self) -> int:
+        """Copy spooled parts to the log, oldest first, until empty or storage fails (blocking; rows drained).
+
+        A part leaves the spool only after its log write succeeded; a repeat
+        writes the same key again (replaces the object), so no duplicates.
+        """
+        if self.spool is None:
+            return 0
+        drained = 0
+        for key in self.spool.keys():
+            data = self.spool.read_bytes(key)
+            try:
+                self.log.write_part(key, data)
+            except StorageUnavailable as exc:
+                self._note_storage_error(exc)
+                break
+            before = self.spool.drained
+            self.spool.remove(key)
+            drained += self.spool.drained - before
+        return drained
+
+    def finish_recovery(self) -> bool:
+        """Retry the log part of an interrupted recovery (blocking); True once done."""
+        if not self.recovery_pending:
+            return True
+        now = self.clock()
+        try:
+            finished, decisions = self._logged_state(now)
+        except OSError as exc:  # StorageUnavailable, or a bucket/folder that is not there (yet)
+            self._note_storage_error(exc)
+            return False
+        spooled_finished, spooled_decisions = self._spooled_state()
+        pending = self.joiner.restore(decisions + spooled_decisions, {**finished, **spooled_finished}, now)
+        self.recovered = {"finished": len(finished) + len(spooled_finished), "decisions_read": len(decisions) + len(spooled_decisions),
+                          "pending": self.recovered.get("pending", 0) + pending, "late_recovery": 1}
+        self.recovery_pending = False
+        logger.info("feedback recovery finished after a storage outage: %s", self.recovered)
+        return True
+
+    async def _drain_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.spool_drain_interval_s)
+            try:
+                if self.recovery_pending:
+                    await asyncio.to_thread(self.finish_recovery)
+                if self.spool is not None and self.spool.active and not self.recovery_pending:
+                    await asyncio.to_thread(self.drain_spool)
+            except Exception:  # noqa: BLE001 - a broken drain must not stop future ones
+                logger.exception("spool drain failed")
 
     # --- decisions ------------------------------------------------------------
 
     async def record_decisions(self, records: Sequence[DecisionRecord]) -> int:
-        """Register decisions (they wait for rewards at once); returns once they are in the decision log."""
+        """Register decisions (they wait for rewards at once); returns once they are in the decision log or spool.
+
+        Raises when they cannot be made durable (spool full: back-pressure;
+        another write error): the replica then answers 503, so no client
+        ever holds a decision id that a restart would forget.
+        """
         self.start()
+        spool = self.spool
+        if spool is not None and spool.active and spool.depth + len(records) > spool.max_rows:
+            spool.full_rejections += 1
+            raise SpoolFull(spool.depth, spool.max_rows)  # refuse before anyone waits on these ids
         now = self.clock()
         fresh = [r for r in records if self.joiner.add_decision(r, now)]
         for r in fresh:
@@ -195,9 +364,9 @@ class FeedbackService:
         if fresh:
             try:
                 await self._decisions.submit(fresh)
-            except Exception as exc:  # noqa: BLE001 - keep them, retry at the next sweep
-                logger.warning("decision log write failed (%s); %d decisions will be retried", exc, len(fresh))
-                self._decision_retry.extend(fresh)
+            except Exception as exc:  # noqa: BLE001 - the caller answers 503; these ids were never handed out
+                logger.warning("decision log write of %d decisions failed: %s", len(fresh), exc)
+                raise
         return len(fresh)
 
     # --- rewards --------------------------------------------------------------
@@ -206,6 +375,10 @@ class FeedbackService:
         """Join, make durable, then acknowledge. Returns {"status": ..., "decision_id": ...}."""
         self.start()
         did = reward.decision_id
+        if self.recovery_pending and isinstance(did, str) and did and not self.joiner.knows(did):
+            # The log that says whether this id was rewarded before the restart cannot be read yet.
+            return {"status": "unavailable", "decision_id": did,
+                    "error": "recovering join state: the event log's storage is unavailable; retry"}
         if isinstance(did, str) and did and not self.joiner.knows(did) and self.config.unknown_grace_s > 0:
             waiter = self._arrivals.setdefault(did, asyncio.Event())
             try:
@@ -226,6 +399,10 @@ class FeedbackService:
             self._inflight[did] = future
             try:
                 key = await self._events.submit([event])
+            except SpoolFull as exc:  # storage down and the local buffer full: back-pressure
+                self.joiner.abort(did)
+                future.set_result(False)
+                return {"status": "unavailable", "decision_id": did, "error": str(exc)}
             except Exception as exc:  # noqa: BLE001
                 self.joiner.abort(did)
                 future.set_result(False)
@@ -279,12 +456,6 @@ class FeedbackService:
             for e in expired:
                 self.joiner.commit(e.decision.decision_id, self.clock())
             self._queue_for_learner(expired)
-        if self._decision_retry:
-            retry, self._decision_retry = self._decision_retry, []
-            try:
-                await self._decisions.submit(retry)
-            except Exception:  # noqa: BLE001
-                self._decision_retry = retry + self._decision_retry
         return len(expired)
 
     async def _sweep_loop(self) -> None:
@@ -375,7 +546,12 @@ class FeedbackService:
             "decision_log_writes": self._decisions.writes,
             "decision_log_rows": self._decisions.items_written,
             "decision_log_failures": self._decisions.failures,
-            "decisions_awaiting_retry": len(self._decision_retry),
+            **(self.spool.stats() if self.spool is not None else
+               {"spooled": 0, "drained": 0, "spool_full_rejections": 0, "spool_depth": 0, "spool_parts": 0}),
+            "spool_dir": str(self.spool.directory) if self.spool is not None else None,
+            "recovery_pending": self.recovery_pending,
+            "storage_errors": self.storage_errors,
+            "last_storage_error": self.last_storage_error,
             "late_log_rows": self._late.items_written,
             **{k: v for k, v in self.delivery.items() if k != "last_metrics"},
             "last_learner_metrics": self.delivery["last_metrics"],

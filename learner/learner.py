@@ -39,6 +39,7 @@ from banditroute.learner.checkpoint import (
     save_checkpoint,
 )
 from banditroute.learner.module import MASK, PROPENSITIES, W_COST, BarpRLModule
+from banditroute.learner.promotion import PromotionConfig
 from banditroute.policy.barp import RoutingPolicy
 from banditroute.policy.losses import clipped_importance_weights, reinforce_loss, value_loss
 from banditroute.policy.reward import reward
@@ -83,6 +84,14 @@ class LearnerConfig:
     """Seeds replay sampling and torch."""
     torch_threads: int = 1
     """torch intra-op threads in the learner actor (0 = torch's default; the small MLP needs one)."""
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    """The promotion gate: which versions replicas get (learner.promotion; see learner/promotion.py)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.promotion, dict):  # LearnerConfig(**plain_dict) as well as from_dict
+            from banditroute.config import from_dict
+
+            self.promotion = from_dict(PromotionConfig, self.promotion, prefix="learner.promotion")
 
     def validate(self) -> None:
         if self.torch_threads < 0:
@@ -107,6 +116,7 @@ class LearnerConfig:
             raise ValueError("learner.keep_checkpoints must be >= 1")
         if not self.checkpoint_prefix.strip("/"):
             raise ValueError("learner.checkpoint_prefix must not be empty")
+        self.promotion.validate()
 
 
 class BanditTorchLearner(TorchLearner):
@@ -387,14 +397,19 @@ class OnlineLearner:
         pickle.dump(state, buf, protocol=pickle.HIGHEST_PROTOCOL)
         return buf.getvalue()
 
-    def save_checkpoint(self, storage: Storage) -> str:
-        """Write checkpoint ``v<policy_version>`` under ``storage`` (a Storage rooted at the checkpoint prefix)."""
+    def save_checkpoint(self, storage: Storage, extra: dict[str, Any] | None = None, protect: Sequence[int] = ()) -> str:
+        """Write checkpoint ``v<policy_version>`` under ``storage`` (a Storage rooted at the checkpoint prefix).
+
+        ``extra`` goes into the manifest; ``protect`` lists versions pruning must keep.
+        """
         return save_checkpoint(
             storage,
             self.policy,
             self.optimizer_state_bytes(),
-            extra={"events_trained": self.events_trained, "updates": self.updates, "trained_through": self.trained_through},
+            extra={"events_trained": self.events_trained, "updates": self.updates, "trained_through": self.trained_through,
+                   **(extra or {})},
             keep=self.config.keep_checkpoints,
+            protect=protect,
         )
 
     @classmethod

@@ -289,14 +289,15 @@ async def drive_traffic(
                 t0 = time.perf_counter()
                 try:
                     fb = await client.post("/v1/feedback", json={"decision_id": decision["decision_id"], "score": score, "cost": cost})
-                    status = fb.json().get("status", f"http-{fb.status_code}") if fb.status_code == 200 else f"http-{fb.status_code}"
+                    # 409 = "duplicate": the decision was already rewarded; idempotent, not an error.
+                    status = fb.json().get("status", f"http-{fb.status_code}") if fb.status_code in (200, 409) else f"http-{fb.status_code}"
                 except (httpx.HTTPError, ValueError) as exc:
                     status = type(exc).__name__
                 state.feedback_ms.append((time.perf_counter() - t0) * 1000.0)
                 state.feedback_status[status] += 1
                 if status == "accepted":
                     state.rewards_acknowledged += 1
-                else:
+                elif status != "duplicate":
                     state.feedback_errors += 1
                     state.last_error = f"feedback: {status}"
                     if too_many_errors():
@@ -412,6 +413,8 @@ def ensure_online_loop(
     feedback: FeedbackConfig | dict | None = None,
     learner: LearnerConfig | dict | None = None,
     actor_prefix: str = "banditroute",
+    learner_num_cpus: float = 0.0,
+    feedback_num_cpus: float = 0.0,
 ) -> dict[str, Any]:
     """Create (or find) the parameter server, learner and feedback actors; returns their handles.
 
@@ -429,13 +432,17 @@ def ensure_online_loop(
     from banditroute.learner.actor import get_or_create_learner_actor
     from banditroute.learner.param_server import NAMESPACE, get_or_create_parameter_server
 
-    lcfg = learner if isinstance(learner, LearnerConfig) else LearnerConfig(**(learner or {}))
-    names = {"feedback": f"{actor_prefix}-feedback", "learner": f"{actor_prefix}-learner",
-             "parameter_server": f"{actor_prefix}-parameter-server"}
+    from banditroute.cluster.online import actor_names
+    from banditroute.config import from_dict
+
+    lcfg = learner if isinstance(learner, LearnerConfig) else from_dict(LearnerConfig, learner or {}, prefix="learner")
+    names = actor_names(actor_prefix)
     ps = get_or_create_parameter_server(names["parameter_server"], NAMESPACE, storage, lcfg.checkpoint_prefix)
-    la = get_or_create_learner_actor(lcfg, storage, initial_state, name=names["learner"], parameter_server_name=names["parameter_server"])
+    la = get_or_create_learner_actor(lcfg, storage, initial_state, name=names["learner"],
+                                     parameter_server_name=names["parameter_server"], num_cpus=learner_num_cpus)
     status = ray.get(la.status.remote())
-    fa = get_or_create_feedback_actor(feedback, storage, names["feedback"], learner_name=names["learner"])
+    fa = get_or_create_feedback_actor(feedback, storage, names["feedback"], learner_name=names["learner"],
+                                      num_cpus=feedback_num_cpus)
     ray.get(fa.ping.remote())
     return {"parameter_server": ps, "learner": la, "feedback": fa, "names": names, "learner_status": status}
 
@@ -497,7 +504,11 @@ def run_up(cfg: UpConfig) -> dict[str, Any]:
 
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED") if k in os.environ}
+        from banditroute.security import SecurityConfig, ensure_local_secret
+
+        ensure_local_secret(SecurityConfig())  # the router's default secret variable; ephemeral (warned) when unset
+        env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED",
+                                          SecurityConfig().token_secret_env) if k in os.environ}
         needed = cfg.replicas * cfg.replica_num_cpus + 2
         ray.init(num_cpus=int(math.ceil(max(float(os.cpu_count() or 1), needed))), include_dashboard=False,
                  log_to_driver=False, runtime_env={"env_vars": env})
@@ -547,6 +558,7 @@ def _run_on_ray(cfg: UpConfig, data, policy, storage: StorageConfig, out: Path, 
             decision_sink_options={"name": names["feedback"], "namespace": NAMESPACE},
             parameter_server_name=names["parameter_server"],
             parameter_server_namespace=NAMESPACE,
+            learner_actor_name=names["learner"],
             weights_poll_timeout_s=WEIGHTS_POLL_TIMEOUT_S,
         )
         serve.run(build_app(router_cfg), name=cfg.app_name, route_prefix="/", blocking=False)

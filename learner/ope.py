@@ -134,11 +134,13 @@ class RidgeRewardModel:
         return np.hstack([np.asarray(x, dtype=np.float64), np.ones((len(x), 1))])
 
     def fit(self, x: np.ndarray, actions: np.ndarray, scores: np.ndarray, cost_norm: np.ndarray) -> "RidgeRewardModel":
-        design = self._design(x)
+        # Ridge with an unshrunk intercept = ridge on centred data, intercept = mean(y) - mean(x) . beta.
+        # With fewer rows than dims (the usual case per model: hundreds of events, 384 dims) the dual
+        # form solves an (n x n) system instead of (d x d): same coefficients, far less work (the
+        # promotion gate fits this every few updates).
+        x = np.asarray(x, dtype=np.float64)
         global_s = float(np.mean(scores)) if len(scores) else 0.0
         global_c = float(np.mean(cost_norm)) if len(cost_norm) else 0.0
-        reg = self.l2 * np.eye(design.shape[1])
-        reg[-1, -1] = 0.0  # do not shrink the intercept
         for a in range(self.n_actions):
             rows = actions == a
             n = int(rows.sum())
@@ -146,10 +148,19 @@ class RidgeRewardModel:
             self.mean_c[a] = float(cost_norm[rows].mean()) if n else global_c
             if n < self.min_rows:
                 continue
-            xa = design[rows]
-            gram = xa.T @ xa + reg
-            self.coef_s[a] = np.linalg.solve(gram, xa.T @ scores[rows])
-            self.coef_c[a] = np.linalg.solve(gram, xa.T @ cost_norm[rows])
+            xa = x[rows]
+            x_mean = xa.mean(axis=0)
+            xc = xa - x_mean
+            y = np.column_stack([scores[rows], cost_norm[rows]]).astype(np.float64)
+            y_mean = y.mean(axis=0)
+            yc = y - y_mean
+            if n < xa.shape[1]:
+                beta = xc.T @ np.linalg.solve(xc @ xc.T + self.l2 * np.eye(n), yc)
+            else:
+                beta = np.linalg.solve(xc.T @ xc + self.l2 * np.eye(xa.shape[1]), xc.T @ yc)
+            intercept = y_mean - x_mean @ beta
+            coef = np.vstack([beta, intercept[None, :]])  # matches _design's [x, 1] columns
+            self.coef_s[a], self.coef_c[a] = coef[:, 0], coef[:, 1]
         return self
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -185,43 +196,79 @@ def cross_fitted_components(
 # --- evaluating a RoutingPolicy on a log ------------------------------------------
 
 
-def target_probabilities(policy: Any, embeddings: np.ndarray, w_cost: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
-    """(n, K) action probabilities of ``policy`` in ``mode`` ('explore' = softmax, 'greedy' = one-hot argmax)."""
+def target_probabilities(
+    policy: Any, embeddings: np.ndarray, w_cost: np.ndarray, mask: np.ndarray, mode: str,
+    exploration_floor: float = 0.0, exploration_ceiling: float = 1.0,
+) -> np.ndarray:
+    """(n, K) action probabilities of ``policy`` in ``mode`` ('explore' = softmax, 'greedy' = one-hot argmax).
+
+    With exploration bounds, 'explore' is the bounded softmax a Router replica
+    with those bounds samples from (``policy.exploration``).
+    """
+    if mode not in ("explore", "greedy"):
+        raise ValueError(f"mode must be 'explore' or 'greedy', got {mode!r}")
+    explore = np.full(len(embeddings), mode == "explore")
+    return served_probabilities(policy, embeddings, w_cost, mask, explore, exploration_floor, exploration_ceiling)
+
+
+def served_probabilities(
+    policy: Any, embeddings: np.ndarray, w_cost: np.ndarray, mask: np.ndarray, explore: np.ndarray,
+    exploration_floor: float = 0.0, exploration_ceiling: float = 1.0,
+) -> np.ndarray:
+    """(n, K) probabilities with which a Router replica serving ``policy`` picks each model, per row:
+    the bounded softmax for rows with ``explore`` True, the one-hot argmax of the softmax otherwise
+    (the same computation as ``serve.core.RouterCore.decide_embedded``)."""
     import torch
 
-    probs = torch.softmax(policy.logits(embeddings, w_cost, mask).float(), dim=-1).cpu().numpy().astype(np.float64)
-    if mode == "greedy":
-        one_hot = np.zeros_like(probs)
-        one_hot[np.arange(len(probs)), probs.argmax(axis=1)] = 1.0
-        return one_hot
-    if mode != "explore":
-        raise ValueError(f"mode must be 'explore' or 'greedy', got {mode!r}")
-    return probs
+    from banditroute.policy.exploration import bound_probabilities
+
+    mask_t = torch.as_tensor(np.asarray(mask, dtype=bool))
+    probs = torch.softmax(policy.logits(embeddings, w_cost, mask_t).float(), dim=-1).cpu()
+    greedy = np.zeros(tuple(probs.shape), dtype=np.float64)
+    greedy[np.arange(len(greedy)), probs.argmax(dim=-1).numpy()] = 1.0
+    explore = np.asarray(explore, dtype=bool)
+    if not explore.any():
+        return greedy
+    bounded = bound_probabilities(probs, mask_t, exploration_floor, exploration_ceiling).numpy().astype(np.float64)
+    return np.where(explore[:, None], bounded, greedy)
 
 
-def evaluate_policy(
-    events: pa.Table | EventBatch,
-    policy: Any,
-    w_cost: float | None = None,
-    modes: Sequence[str] = ("greedy", "explore"),
-    folds: int = 2,
-    l2: float = 1.0,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """IPS, SNIPS and DR of ``policy`` on logged events, per target mode.
+@dataclass
+class LoggedData:
+    """Logged events as OPE consumes them for one policy's pool (rows it cannot evaluate dropped)."""
 
-    ``w_cost`` evaluates every event under one preference (rewards are
-    recomputed from the logged score and cost); None keeps each event's own.
-    Events whose chosen model is not in the policy's pool are skipped.
-    """
-    batch = events if isinstance(events, EventBatch) else EventBatch.from_table(events)
+    rows: np.ndarray
+    """Indices (into the original batch) of the events used."""
+    x: np.ndarray
+    """(n, d) float32 embeddings."""
+    actions: np.ndarray
+    """(n,) index of the logged model in the policy's pool."""
+    mu: np.ndarray
+    """(n,) logged propensity, clipped to [1e-6, 1]."""
+    w: np.ndarray
+    """(n,) preference each event is evaluated at."""
+    rewards: np.ndarray
+    """(n,) reward of the logged action at ``w``."""
+    mask: np.ndarray
+    """(n, K) logged candidate sets (the logged action always included)."""
+    q: np.ndarray
+    """(n, K) cross-fitted reward model q(x, a) at ``w``."""
+
+    @property
+    def q_logged(self) -> np.ndarray:
+        return self.q[np.arange(len(self.actions)), self.actions]
+
+
+def prepare_logged_data(
+    batch: EventBatch, policy: Any, w_cost: float | None = None, folds: int = 2, l2: float = 1.0, seed: int = 0
+) -> LoggedData:
+    """Map logged events onto ``policy``'s pool, compute rewards (with its tau) and the DR reward model."""
     models = list(policy.models)
     index = {m: k for k, m in enumerate(models)}
     actions = np.array([index.get(m, -1) for m in batch.chosen_models], dtype=np.int64)
-    keep = actions >= 0
     if batch.embeddings.shape[1] != policy.meta.embed_dim:
         raise ValueError(f"logged embeddings have {batch.embeddings.shape[1]} dims, the policy expects {policy.meta.embed_dim}")
-    rows = np.flatnonzero(keep)
+    rows = np.flatnonzero(actions >= 0)
     if rows.size == 0:
         raise ValueError("no logged event chose a model of this policy's pool")
     n_models = len(models)
@@ -242,11 +289,71 @@ def evaluate_policy(
     mask[np.arange(rows.size), a] = True
     s_hat, c_hat = cross_fitted_components(x, a, scores, cnorm, n_models, folds, l2, seed)
     q = (1.0 - w)[:, None] * s_hat - w[:, None] * c_hat
-    q_logged = q[np.arange(rows.size), a]
+    return LoggedData(rows, x, a, mu, w, rewards, mask, q)
+
+
+def estimate_terms(estimator: str, rewards: np.ndarray, rho: np.ndarray, q_logged: np.ndarray | None = None,
+                   q_target: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """(value, per-event influence terms): the SE of a value is sd(terms) / sqrt(n).
+
+    Influence terms of two target policies on the SAME events can be
+    subtracted: the paired difference's SE is far smaller than the two SEs
+    combined, since most of the noise (which events were logged, their
+    rewards) is shared. SNIPS uses its delta-method influence
+    rho_i (r_i - V) / mean(rho).
+    """
+    r, w = _check(rewards, rho)
+    if estimator == "ips":
+        terms = w * r
+        value = float(terms.mean())
+        return value, terms - value
+    if estimator == "snips":
+        if w.sum() <= 0:
+            return float("nan"), np.full(r.shape, np.nan)
+        value = float((w * r).sum() / w.sum())
+        return value, w * (r - value) / w.mean()
+    if estimator == "dr":
+        if q_logged is None or q_target is None:
+            raise ValueError("the dr estimator needs q_logged and q_target")
+        terms = np.asarray(q_target, np.float64) + w * (r - np.asarray(q_logged, np.float64))
+        value = float(terms.mean())
+        return value, terms - value
+    raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
+
+
+def paired_estimates(estimator: str, rewards: np.ndarray, rho_a: np.ndarray, rho_b: np.ndarray,
+                     q_logged: np.ndarray | None = None, q_target_a: np.ndarray | None = None,
+                     q_target_b: np.ndarray | None = None) -> tuple[Estimate, Estimate, Estimate]:
+    """Estimates of policy a, of policy b and of (a - b), all on the same logged events."""
+    va, ta = estimate_terms(estimator, rewards, rho_a, q_logged, q_target_a)
+    vb, tb = estimate_terms(estimator, rewards, rho_b, q_logged, q_target_b)
+    return (Estimate(estimator, va, _sd_of_mean(ta)), Estimate(estimator, vb, _sd_of_mean(tb)),
+            Estimate(estimator, va - vb, _sd_of_mean(ta - tb)))
+
+
+def evaluate_policy(
+    events: pa.Table | EventBatch,
+    policy: Any,
+    w_cost: float | None = None,
+    modes: Sequence[str] = ("greedy", "explore"),
+    folds: int = 2,
+    l2: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """IPS, SNIPS and DR of ``policy`` on logged events, per target mode.
+
+    ``w_cost`` evaluates every event under one preference (rewards are
+    recomputed from the logged score and cost); None keeps each event's own.
+    Events whose chosen model is not in the policy's pool are skipped.
+    """
+    batch = events if isinstance(events, EventBatch) else EventBatch.from_table(events)
+    data = prepare_logged_data(batch, policy, w_cost, folds, l2, seed)
+    rows, x, a, mu, w, rewards, mask, q = data.rows, data.x, data.actions, data.mu, data.w, data.rewards, data.mask, data.q
+    q_logged = data.q_logged
     report: dict[str, Any] = {
         "events": int(len(batch)),
         "events_used": int(rows.size),
-        "events_skipped_unknown_model": int((~keep).sum()),
+        "events_skipped_unknown_model": int(len(batch) - rows.size),
         "events_greedy_logged": int((batch.propensities[rows] >= 1.0 - 1e-9).sum()),
         "w_cost": "logged" if w_cost is None else float(w_cost),
         "tau": float(policy.tau),

@@ -8,10 +8,16 @@ starts late asks with v = -1 and gets the newest weights at once. Versions
 only move forward: an older snapshot is refused.
 
 Restart: the actor is detached with ``max_restarts=-1``; when it comes back
-it reloads the newest complete checkpoint from storage (if it was given a
-``checkpoint_storage``), so replicas that ask again get weights at least as
-new as the last checkpoint, and the learner (which also publishes after each
-update) moves it forward again.
+it reloads the newest complete checkpoint whose weights were SERVED
+(manifest ``promoted``; a candidate the promotion gate held back is never
+served this way) from storage (if it was given a ``checkpoint_storage``), so
+replicas that ask again get weights at least as new as the last served
+checkpoint, and the learner (which republishes its serving version when the
+server is behind) moves it forward again.
+
+It also remembers the highest version number the learner has handed out
+(``reserve_version``; candidates that were not published included), so a
+restarted learner counts above every number it ever used.
 
 For freshness measurements it keeps a bounded history of publishes and of
 replica reports (``history()``).
@@ -45,6 +51,7 @@ class ParameterServerState:
         self.replica_versions: dict[str, tuple[int, float]] = {}
         self.publishes: deque[tuple[int, float, float, float]] = deque(maxlen=_HISTORY)
         self.reports: deque[tuple[str, int, float]] = deque(maxlen=_HISTORY)
+        self.reserved = -1
 
     def publish(self, snapshot: WeightsSnapshot) -> int:
         if self.latest is not None and snapshot.policy_version <= self.latest.policy_version:
@@ -84,6 +91,16 @@ class ParameterServerState:
     def latest_version(self) -> int:
         return -1 if self.latest is None else self.latest.policy_version
 
+    def reserve_version(self, version: int) -> int:
+        """Note that ``version`` was used (not published); returns the newest PUBLISHED version (-1: none),
+        so the learner sees in the same round trip whether a restarted server is behind."""
+        self.reserved = max(self.reserved, int(version))
+        return self.latest_version()
+
+    def reserved_version(self) -> int:
+        """The highest version number published or reserved (-1: none)."""
+        return max(self.reserved, self.latest_version())
+
 
 class ParameterServer:
     """Ray actor shell around ParameterServerState (create with ``.options(name=..., max_concurrency=...)``).
@@ -105,7 +122,7 @@ class ParameterServer:
             from banditroute.storage import open_storage
 
             storage = open_storage(storage_config).child(prefix)
-            found = load_latest_checkpoint(storage)
+            found = load_latest_checkpoint(storage, promoted_only=True)
         except Exception as exc:  # noqa: BLE001
             logger.warning("parameter server: could not recover a checkpoint: %s", exc)
             return
@@ -133,6 +150,12 @@ class ParameterServer:
 
     async def latest_version(self) -> int:
         return self.state.latest_version()
+
+    async def reserve_version(self, version: int) -> int:
+        return self.state.reserve_version(version)
+
+    async def reserved_version(self) -> int:
+        return self.state.reserved_version()
 
     async def report_replica(self, replica_id: str, policy_version: int, at: float | None = None) -> None:
         """A replica serves ``policy_version`` since ``at`` (its own time.time(); default: now)."""

@@ -83,7 +83,8 @@ from banditroute.policy.irt import (
     single_threaded_torch,
 )
 from banditroute.policy.model_registry import REGISTRY_FILE, ModelEntry, ModelRegistry, UnknownModelError
-from banditroute.policy.reward import DEFAULT_TAU_QUANTILE, fit_tau
+from banditroute.policy.reward import fit_tau
+from banditroute.policy.train import BanditLoopConfig
 
 KIND = "identity"
 TRAIN_MASKED_LOGIT = -1e9
@@ -141,29 +142,17 @@ class IdentityNetworkConfig:
 
 
 @dataclass
-class IdentityTrainConfig:
-    """Bandit training of the identity policy (loop settings as in TrainConfig)."""
+class IdentityTrainConfig(BanditLoopConfig):
+    """Bandit training of the identity policy: the shared loop settings (other defaults) plus augmentations."""
 
     epochs: int = 40
     """Passes over the training prompts; each draws fresh preferences, subsets, prices and actions."""
-    batch_size: int = 128
-    """Prompts per gradient step."""
     learning_rate: float = 1e-3
     """Adam learning rate."""
-    weight_decay: float = 1e-5
-    """Adam weight decay."""
     entropy_coef_start: float = 0.02
     """Entropy bonus at the start (decays linearly)."""
     entropy_coef_end: float = 0.001
     """Entropy bonus at the end."""
-    value_coef: float = 0.5
-    """Weight of the baseline's squared error in the total loss."""
-    grad_clip: float = 1.0
-    """Max global gradient norm."""
-    tau_quantile: float = DEFAULT_TAU_QUANTILE
-    """tau = this quantile of per-call cost in the training data (unless tau is given)."""
-    seed: int = 0
-    """Seeds the IRT, preferences, augmentations, actions and initial weights."""
     subset_probability: float = 0.5
     """Probability that a training request offers a random subset of the pool instead of all of it."""
     min_candidates: int = 2
@@ -184,12 +173,7 @@ class IdentityTrainConfig:
     """Network shape."""
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("train.epochs and train.batch_size must be >= 1")
-        if self.learning_rate <= 0:
-            raise ValueError("train.learning_rate must be > 0")
-        if not 0 < self.tau_quantile <= 1:
-            raise ValueError("train.tau_quantile must be in (0, 1]")
+        super().validate()
         for name in ("subset_probability", "quiz_augmentation"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"train.{name} must be in [0, 1]")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -26,8 +26,8 @@ from banditroute.progress import progress_bar
 
 
 @dataclass
-class TrainConfig:
-    """Bandit training of the BaRP policy."""
+class BanditLoopConfig:
+    """The bandit training loop's settings, shared by every policy kind's training config."""
 
     epochs: int = 200
     """Passes over the training prompts; each pass draws fresh preferences and actions."""
@@ -49,8 +49,6 @@ class TrainConfig:
     """tau = this quantile of per-call cost in the training data."""
     seed: int = 0
     """Seeds preferences, actions and initial weights."""
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    """Network shape."""
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -59,6 +57,14 @@ class TrainConfig:
             raise ValueError("train.learning_rate must be > 0")
         if not 0 < self.tau_quantile <= 1:
             raise ValueError("train.tau_quantile must be in (0, 1]")
+
+
+@dataclass
+class TrainConfig(BanditLoopConfig):
+    """Bandit training of the BaRP policy."""
+
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    """Network shape."""
 
 
 class BanditEnvironment:
@@ -121,19 +127,6 @@ def torch_threads(n: int | None, device: str | torch.device = "cpu") -> Iterator
             torch.set_num_threads(previous)
 
 
-class LoopConfig(Protocol):
-    """What :func:`bandit_training_loop` reads from a training config (TrainConfig has it all)."""
-
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    weight_decay: float
-    entropy_coef_start: float
-    entropy_coef_end: float
-    value_coef: float
-    grad_clip: float
-
-
 StepFn = Callable[[np.ndarray, np.ndarray, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, np.ndarray | None]"]
 
 
@@ -141,7 +134,7 @@ def bandit_training_loop(
     module: torch.nn.Module,
     step: StepFn,
     env: BanditEnvironment,
-    config: LoopConfig,
+    config: BanditLoopConfig,
     rng: np.random.Generator,
     generator: torch.Generator,
     device: str = "cpu",

@@ -13,8 +13,14 @@ Deployments (names are part of the contract):
   any of them is answered. With ``parameter_server_name`` set, a background
   task long-polls the ParameterServer and swaps weights between batches.
 - ``RouterIngress``: HTTP API (``/v1/route``, ``/v1/route/batch``,
-  ``/v1/chat/completions``, ``/v1/models``, ``/healthz``), input validation
-  (4xx naming the field), upstream proxying with httpx.
+  ``/v1/chat/completions``, ``/v1/models``, ``/v1/feedback``,
+  ``/v1/admin/security``, ``/healthz``), input validation (4xx naming the
+  field), upstream proxying with httpx, and security (banditroute/security.py):
+  API keys per endpoint group, a body-size cap, and signed decision tokens:
+  every decision id a client sees (HTTP or the handle methods) is a token
+  minted here from the Router's raw id; /v1/feedback verifies it before the
+  feedback actor sees anything (401 unsigned/tampered, 410 expired, 409 a
+  replay of a rewarded decision). Rejections are counted by reason.
 - ``ReplayUpstream`` (only with replay enabled): runs the replay server.
 """
 
@@ -32,6 +38,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -40,6 +47,7 @@ from banditroute.policy.reward import preference_to_w_cost
 from banditroute.records import WeightsSnapshot
 from banditroute.serve.config import RouterConfig, load_router_config
 from banditroute.serve.core import RouteRequest, RouteResult, decisions_table
+from banditroute.security import Security, TokenError
 from banditroute.serve.protocol import (
     RequestError,
     check_length,
@@ -47,9 +55,11 @@ from banditroute.serve.protocol import (
     messages_to_text,
     parse_batch_body,
     parse_candidates,
+    parse_json_body,
     parse_mode,
     parse_preference,
     parse_route_body,
+    short_repr,
 )
 
 logger = logging.getLogger("banditroute.serve")
@@ -131,11 +141,13 @@ class Router:
         parallel = self.cfg.tokenizers_parallelism if self.cfg.tokenizers_parallelism is not None else on_gpu
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel else "false"  # read when the tokenizer first runs
         threads = self.cfg.torch_threads or (0 if on_gpu else max(1, round(self.cfg.num_cpus)))
+        bounds = {"exploration_floor": self.cfg.exploration_floor, "exploration_ceiling": self.cfg.exploration_ceiling}
         if self.cfg.policy is not None:
-            self.core = RouterCore.from_checkpoint(self.cfg.policy, device=self.cfg.device, seed=self.cfg.seed, torch_threads=threads)
+            self.core = RouterCore.from_checkpoint(self.cfg.policy, device=self.cfg.device, seed=self.cfg.seed, torch_threads=threads, **bounds)
         else:
             self.core = RouterCore.from_state(
-                *self._initial_state_from_parameter_server(), device=self.cfg.device, seed=self.cfg.seed, torch_threads=threads
+                *self._initial_state_from_parameter_server(), device=self.cfg.device, seed=self.cfg.seed, torch_threads=threads,
+                **bounds,
             )
         self.sink = make_decision_sink(self.cfg.decision_sink, self.cfg.decision_sink_options)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-infer")
@@ -337,6 +349,21 @@ def _error_response(status: int, message: str, field: str | None = None, headers
     return JSONResponse(error_body(message, field, type_), status_code=status, headers=headers)
 
 
+@api.exception_handler(StarletteHTTPException)
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths (404) and wrong methods (405) answer the same error envelope as everything else."""
+    field = {404: "path", 405: "method"}.get(exc.status_code)
+    return _error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", field, getattr(exc, "headers", None))
+
+
+WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="banditroute"'}
+# Which API-key group guards each endpoint (/healthz is open).
+ENDPOINT_GROUPS = {"route": "route", "route_batch": "route", "chat_completions": "route", "models": "route",
+                   "feedback": "feedback", "admin": "admin"}
+# Rejections the ingress counts (GET /v1/admin/security, banditroute_security_rejections_total{reason}).
+TOKEN_STATUS = {"unsigned": 401, "malformed": 401, "tampered": 401, "expired": 410}
+
+
 def _usage_cost(data: Any) -> float | None:
     usage = data.get("usage") if isinstance(data, dict) else None
     if not isinstance(usage, dict):
@@ -394,6 +421,49 @@ class RouterIngress:
         self.m_requests = _metric("counter", "banditroute_requests_total", "HTTP requests by endpoint and status.", ("endpoint", "status"))
         self.m_latency = _metric("histogram", "banditroute_request_latency_ms", "HTTP request latency (ms).", ("endpoint",), LATENCY_BOUNDARIES_MS)
         self.m_upstream_errors = _metric("counter", "banditroute_upstream_errors_total", "Upstream failures by model and kind.", ("model", "kind"))
+        # Fails the replica (clear message naming security.token_secret_env / *_api_keys_env) when a secret is missing.
+        self.security = Security(self.cfg.security)
+        self.rejections: dict[str, int] = {}
+        self.m_rejections = _metric("counter", "banditroute_security_rejections_total",
+                                    "Requests refused by the ingress's security checks, by reason.", ("reason",))
+
+    # -- security --
+
+    def _reject(self, reason: str) -> None:
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+        self.m_rejections.inc(tags={"reason": reason})
+
+    def _authorize(self, request: Request, endpoint: str) -> JSONResponse | None:
+        """None when the request's API key admits it to ``endpoint``'s group; else the 401/403 response to send."""
+        group = ENDPOINT_GROUPS[endpoint]
+        problem = self.security.check_key(group, request.headers.get("authorization"), request.headers.get("x-api-key"))
+        if problem is None:
+            return None
+        self._reject(f"{group}_{problem}")
+        if problem == "disabled":
+            return _error_response(403, f"the {group} API is disabled: set security.{group}_api_keys_env to enable it",
+                                   "authorization", type_="permission_error")
+        what = "is missing" if problem == "missing_key" else "is not valid"
+        return _error_response(401, f"the {group} API key {what}: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                               "authorization", WWW_AUTHENTICATE, type_="authentication_error")
+
+    def _signed(self, response: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+        """A Router answer with its raw decision id replaced by the client-facing (signed) token."""
+        token = self.security.token(response["decision_id"], response["model"], response["policy_version"],
+                                    time.time() if now is None else now)
+        return dict(response, decision_id=token)
+
+    def _decision_id_from_token(self, token: str) -> str:
+        """/v1/feedback: the raw decision id a valid token binds (FeedbackError 401/410 otherwise, counted)."""
+        from banditroute.feedback.http import FeedbackError
+
+        if not self.security.signing:
+            return token
+        try:
+            return self.security.verify(token, time.time()).decision_id
+        except TokenError as exc:
+            self._reject(f"token_{exc.kind}")
+            raise FeedbackError(TOKEN_STATUS[exc.kind], exc.message, "decision_id") from None
 
     # -- helpers --
 
@@ -409,10 +479,23 @@ class RouterIngress:
         self.m_latency.observe((time.perf_counter() - start) * 1000.0, tags={"endpoint": endpoint})
 
     async def _json(self, request: Request) -> Any:
-        try:
-            return await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-            raise RequestError(400, "body", "the body must be valid JSON") from None
+        """The JSON body, read with a cap of security.max_body_bytes (413 ``body``; a larger Content-Length is not read)."""
+        limit = self.cfg.security.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise RequestError(400, "body", "the Content-Length header must be a number of bytes")
+            if int(declared) > limit:
+                self._reject("body_too_large")
+                raise RequestError(413, "body", f"the body is {int(declared)} bytes; the limit is {limit} (security.max_body_bytes)")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # chunked bodies have no Content-Length: count while reading
+            size += len(chunk)
+            if size > limit:
+                self._reject("body_too_large")
+                raise RequestError(413, "body", f"the body is over {limit} bytes (security.max_body_bytes)")
+            chunks.append(chunk)
+        return parse_json_body(b"".join(chunks))
 
     @staticmethod
     def _router_error(out: dict[str, Any], prefix: str = "") -> RequestError:
@@ -443,7 +526,7 @@ class RouterIngress:
             body, models=await self.models(), default_w_cost=self.default_w_cost,
             default_mode=self.cfg.default_mode, max_prompt_chars=self.cfg.max_prompt_chars,
         )
-        return (await self._route_one(req))["response"]
+        return self._signed((await self._route_one(req))["response"])
 
     async def handle_route_batch(self, body: dict[str, Any]) -> dict[str, Any]:
         """Same as POST /v1/route/batch, for in-cluster callers."""
@@ -452,20 +535,34 @@ class RouterIngress:
             max_prompt_chars=self.cfg.max_prompt_chars, max_batch_requests=self.cfg.max_batch_requests,
         )
         outs = await self.router.route_many.remote(reqs)
+        now = time.time()
         results = []
         for i, out in enumerate(outs):
             if "error" in out:
                 err = out["error"]
                 results.append({"error": {"message": err["message"], "field": f"requests[{i}].{err['field']}" if err.get("field") else None}})
             else:
-                results.append(out["response"])
+                results.append(self._signed(out["response"], now))
         return {"results": results}
+
+    async def route_requests(self, reqs: list[RouteRequest]) -> list[dict[str, Any]]:
+        """Already-parsed requests (serve/client.py RouterClient) -> Router outputs with signed decision ids.
+
+        One request goes through the batched ``Router.route`` (gathered with
+        concurrent calls), several through ``route_many``. Outputs keep the
+        Router's shape: ``{"response": ...}`` or ``{"error": ...}``.
+        """
+        outs = [await self.router.route.remote(reqs[0])] if len(reqs) == 1 else await self.router.route_many.remote(reqs)
+        now = time.time()
+        return [{"response": self._signed(o["response"], now)} if "error" not in o else {"error": o["error"]} for o in outs]
 
     # -- HTTP --
 
     @api.post("/v1/route")
     async def http_route(self, request: Request):
         start = time.perf_counter()
+        if (denied := self._authorize(request, "route")) is not None:
+            return self._finish("route", start, denied)
         try:
             body = await self._json(request)
             response = JSONResponse(await self.handle_route(body))
@@ -478,6 +575,8 @@ class RouterIngress:
     @api.post("/v1/route/batch")
     async def http_route_batch(self, request: Request):
         start = time.perf_counter()
+        if (denied := self._authorize(request, "route_batch")) is not None:
+            return self._finish("route_batch", start, denied)
         try:
             body = await self._json(request)
             response = JSONResponse(await self.handle_route_batch(body))
@@ -493,13 +592,108 @@ class RouterIngress:
         from banditroute.feedback.http import feedback_target, handle_feedback
 
         start = time.perf_counter()
+        if (denied := self._authorize(request, "feedback")) is not None:
+            return self._finish("feedback", start, denied)
         try:
             body = await self._json(request)
         except RequestError as exc:
             return self._finish("feedback", start, JSONResponse(exc.to_json(), status_code=exc.status))
-        status, payload, headers = await handle_feedback(body, **feedback_target(self.cfg))
+        try:
+            status, payload, headers = await handle_feedback(
+                body, **feedback_target(self.cfg), resolve_decision_id=self._decision_id_from_token,
+                max_cost_usd=self.cfg.security.max_reward_cost_usd,
+            )
+        except Exception as exc:  # noqa: BLE001 - nothing may crash the handler: a JSON 503 (nothing recorded)
+            return self._finish("feedback", start, self._unavailable(exc))
+        if status == 409:
+            self._reject("token_replayed")  # a second reward for a rewarded decision: idempotent, but counted
         return self._finish("feedback", start, JSONResponse(payload, status_code=status, headers=headers))
     # --- END feedback route ---
+
+    # --- admin API: every /v1/admin/* route starts with `self._authorize(request, "admin")` ---
+    @api.get("/v1/admin/security")
+    async def admin_security(self, request: Request):
+        """Security rejections counted by THIS ingress replica (the metric sums all replicas)."""
+        start = time.perf_counter()
+        if (denied := self._authorize(request, "admin")) is not None:
+            return self._finish("admin", start, denied)
+        sec = self.cfg.security
+        body = {
+            "ingress_replica_id": self.replica_id,
+            "rejections": dict(sorted(self.rejections.items())),
+            "signed_tokens": self.security.signing,
+            "token_ttl_s": sec.token_ttl_s,
+            "secrets_accepted": len(self.security.secrets),
+            "api_keys": {g: ("disabled" if g == "admin" else "open") if k is None else f"{len(k)} key(s)"
+                         for g, k in self.security.keys.items()},
+            "max_body_bytes": sec.max_body_bytes,
+            "max_reward_cost_usd": sec.max_reward_cost_usd,
+        }
+        return self._finish("admin", start, JSONResponse(body))
+
+    async def _learner_call(self, method: str, *args: Any) -> Any:
+        """Call the learner actor's admin method; RequestError 404 (no learner configured) / 503 (unreachable) / 422."""
+        import ray
+
+        name = self.cfg.learner_actor_name
+        if name is None:
+            raise RequestError(404, None, "no learner behind this router: set learner_actor_name (online.enabled does)")
+        try:
+            handle = await asyncio.to_thread(ray.get_actor, name, self.cfg.parameter_server_namespace)
+        except ValueError:
+            raise RequestError(503, None, f"the learner actor {name!r} is not running (restarting?); retry") from None
+        try:
+            return await asyncio.wait_for(getattr(handle, method).remote(*args), timeout=60.0)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, ValueError):  # the learner's own validation, e.g. "version: no checkpoint v7"
+                message = str(cause) or "rejected"
+                field = message.split(":", 1)[0] if ":" in message else None
+                raise RequestError(422, field if field and " " not in field else None, message[:500]) from None
+            raise RequestError(503, None, f"the learner failed: {type(cause).__name__}") from None
+        except (asyncio.TimeoutError, ray.exceptions.RayActorError) as exc:
+            raise RequestError(503, None, f"the learner actor is unavailable: {type(exc).__name__}; retry") from None
+
+    async def _admin(self, request: Request, call) -> JSONResponse:
+        start = time.perf_counter()
+        if (denied := self._authorize(request, "admin")) is not None:
+            return self._finish("admin", start, denied)
+        try:
+            response = JSONResponse(await call())
+        except RequestError as exc:
+            headers = {"Retry-After": "1"} if exc.status == 503 else None
+            response = JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+        except Exception as exc:  # noqa: BLE001 - never a bare 500 from the admin API
+            response = self._unavailable(exc)
+        return self._finish("admin", start, response)
+
+    @api.get("/v1/admin/policy")
+    async def admin_policy(self, request: Request):
+        """Promotion gate state: serving vs candidate version, pin, last decisions, checkpointed versions."""
+        async def call():
+            status = await self._learner_call("promotion_status")
+            return dict(status, checkpoints=await self._learner_call("list_checkpoints"))
+        return await self._admin(request, call)
+
+    @api.post("/v1/admin/policy/pin")
+    async def admin_pin(self, request: Request):
+        """``{"version": N}``: serve checkpoint vN's weights (rollback) under a new version; hold promotions."""
+        async def call():
+            body = await self._json(request)
+            if not isinstance(body, dict) or set(body) != {"version"}:
+                raise RequestError(422, "version", 'the body must be {"version": <checkpointed version>}')
+            version = body["version"]
+            if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+                raise RequestError(422, "version", f"version must be a non-negative integer, got {version!r}")
+            return await self._learner_call("pin", version)
+        return await self._admin(request, call)
+
+    @api.post("/v1/admin/policy/unpin")
+    async def admin_unpin(self, request: Request):
+        """Release a pin: the promotion gate decides again at its next evaluation."""
+        async def call():
+            return await self._learner_call("unpin")
+        return await self._admin(request, call)
 
     @api.get("/healthz")
     async def healthz(self):
@@ -520,8 +714,10 @@ class RouterIngress:
         return self._finish("healthz", start, JSONResponse(body))
 
     @api.get("/v1/models")
-    async def list_models(self):
+    async def list_models(self, request: Request):
         start = time.perf_counter()
+        if (denied := self._authorize(request, "models")) is not None:
+            return self._finish("models", start, denied)
         try:
             models = await self.models()
         except Exception as exc:  # noqa: BLE001
@@ -612,6 +808,8 @@ class RouterIngress:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         start = time.perf_counter()
+        if (denied := self._authorize(request, "chat_completions")) is not None:
+            return self._finish("chat_completions", start, denied)
         try:
             response = await self._chat(await self._json(request))
         except RequestError as exc:
@@ -635,7 +833,7 @@ class RouterIngress:
         forward = {k: v for k, v in body.items() if k not in ("preference", "candidates", "mode", "banditroute")}
         if model != self.cfg.router_model_name:
             if model not in pool:
-                raise RequestError(404, "model", f"unknown model {model!r}; use {self.cfg.router_model_name!r} or one of {pool}")
+                raise RequestError(404, "model", f"unknown model {short_repr(model)}; use {self.cfg.router_model_name!r} or one of {pool}")
             return await self._proxy(model, forward, stream, decision=None)
         req = RouteRequest(
             text=text,
@@ -645,6 +843,7 @@ class RouterIngress:
             log=stream,  # streams: logged now; non-stream: logged with the upstream's cost, before answering
         )
         out = await self._route_one(req)
+        out = dict(out, response=self._signed(out["response"]))  # headers and the `banditroute` extension carry the token
         return await self._proxy(out["response"]["model"], forward, stream, decision=out)
 
     async def _log_deferred(self, decision: dict[str, Any] | None, cost: float | None) -> None:
@@ -712,42 +911,73 @@ def resolve_config(cfg: RouterConfig) -> RouterConfig:
     return cfg
 
 
-def _storage_arg(args: dict[str, Any]) -> Any:
-    """Pop and validate the ``storage`` section (a mapping or ``storage.<key>`` dotted keys) of build_app args."""
+def _section_arg(args: dict[str, Any], name: str, cls: type) -> Any:
+    """Pop and validate section ``name`` of build_app args (a mapping, or ``name.<key>`` dotted keys); None if absent."""
     from banditroute.config import set_dotted
-    from banditroute.storage import StorageConfig
 
-    section: dict[str, Any] = {}
-    if "storage" in args:
-        value = args.pop("storage")
-        if isinstance(value, StorageConfig):
+    section: Any = {}
+    if name in args:
+        value = args.pop(name)
+        if isinstance(value, cls):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"storage: expected a mapping, got {type(value).__name__}")
+            raise ValueError(f"{name}: expected a mapping, got {type(value).__name__}")
         section = dict(value)
-    for key in [k for k in args if k.startswith("storage.")]:
-        set_dotted(section, key[len("storage."):], args.pop(key))
-    return from_dict(StorageConfig, section, prefix="storage") if section else None
+    for key in [k for k in args if k.startswith(name + ".")]:
+        set_dotted(section, key[len(name) + 1:], args.pop(key))
+    if not section:
+        return None
+    return section if cls is dict else from_dict(cls, section, prefix=name)
+
+
+def _prices_arg(args: dict[str, Any]) -> dict[str, float]:
+    prices = _section_arg(args, "prices", dict) or {}
+    for model, price in prices.items():
+        if isinstance(price, bool) or not isinstance(price, (int, float)) or not (price >= 0 and price != float("inf")):
+            raise ValueError(f"prices.{model}: must be a finite number >= 0 (USD per call), got {price!r}")
+    return {str(k): float(v) for k, v in prices.items()}
 
 
 def build_app(args: dict[str, Any] | RouterConfig | None = None) -> serve.Application:
     """The banditroute Serve application (``banditroute.serve.app:build_app``).
 
     ``args``: RouterConfig keys (nested ones as dicts or dotted keys), plus an
-    optional ``config`` YAML path that the other keys override, plus an
-    optional ``storage`` section (StorageConfig keys, as the generated Serve
-    config and k8s serveConfigV2 pass it). ``storage`` is validated here but
-    not used yet: the app does not start the feedback/learner/parameter-server
-    actors itself (see docs/deploy.md, "Serve config from the app config").
+    optional ``config`` YAML path that the other keys override, plus the
+    application sections the generated Serve config and k8s serveConfigV2
+    pass (cluster/launch.py): ``storage`` (StorageConfig), ``online``
+    (cluster.online.OnlineConfig), ``feedback`` (FeedbackConfig), ``learner``
+    (LearnerConfig) and ``prices`` (model -> USD per call). All are validated
+    here, naming the field. With ``online.enabled`` the builder starts (or
+    finds) the loop's actors over ``storage`` and wires the routers to them
+    (cluster/online.py); ``prices`` become the feedback join's default costs
+    and an identity policy's registry prices.
     """
+    from banditroute.cluster.online import OnlineConfig, actor_names, apply_prices, start_online_loop
+    from banditroute.feedback.service import FeedbackConfig
+    from banditroute.learner.learner import LearnerConfig
+    from banditroute.storage import StorageConfig
+
     if isinstance(args, RouterConfig):
         cfg = args
+        storage, online, feedback, learner, prices = None, None, None, None, {}
     else:
         args = dict(args or {})
-        _storage_arg(args)
+        storage = _section_arg(args, "storage", StorageConfig)
+        online = _section_arg(args, "online", OnlineConfig)
+        feedback = _section_arg(args, "feedback", FeedbackConfig) or FeedbackConfig()
+        learner = _section_arg(args, "learner", LearnerConfig) or LearnerConfig()
+        prices = _prices_arg(args)
+        if online is not None and online.enabled and "parameter_server_name" not in args:
+            args["parameter_server_name"] = actor_names(online.actor_prefix)["parameter_server"]  # set again when wired
         config_path = args.pop("config", None)
         cfg = load_router_config(config_path, args)
     cfg = resolve_config(cfg)
+    if prices:
+        apply_prices(cfg, prices, feedback)
+    if online is not None and online.enabled:
+        if storage is None:
+            raise ValueError("storage: required when online.enabled (checkpoints and the event log live there)")
+        cfg = start_online_loop(cfg, online, storage, feedback, learner)
     conf = to_dict(cfg)
     conf["num_gpus"] = cfg.resolved_num_gpus()
     router = Router.options(

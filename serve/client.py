@@ -9,6 +9,12 @@ Answers are the /v1/route contract dicts. Bad input raises
 ``protocol.RequestError`` (with ``.status`` and ``.field``) before anything is
 sent. Alternatively, ``serve.get_app_handle(app_name).handle_route.remote(body)``
 calls the ingress with a raw /v1/route body.
+
+Requests are validated here, then decided through the INGRESS
+(``RouterIngress.route_requests``), which forwards them to the batched Router
+and replaces each raw decision id with the signed decision token, exactly as
+over HTTP: the ids this client returns are the ones /v1/feedback accepts, and
+the signing secret never has to be in the caller's process.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ class RouterClient:
 
     def __init__(self, app_name: str = "banditroute", info_ttl_s: float = 10.0):
         self.app_name = app_name
-        self.handle = serve.get_deployment_handle("Router", app_name=app_name)
+        self.handle = serve.get_deployment_handle("Router", app_name=app_name)  # info (pool, defaults)
+        self.ingress = serve.get_app_handle(app_name)  # decisions, signed like HTTP answers
         self._info: dict[str, Any] | None = None
         self._info_at = 0.0
         self._ttl = info_ttl_s
@@ -61,7 +68,7 @@ class RouterClient:
     async def route(self, prompt: str | None = None, *, messages: list | None = None, preference: dict | None = None,
                     candidates: list[str] | None = None, mode: str | None = None) -> dict[str, Any]:
         req = self._request(await self.info(), self._body(prompt, messages, preference, candidates, mode))
-        return self._answer(await self.handle.route.remote(req))
+        return self._answer((await self.ingress.route_requests.remote([req]))[0])
 
     async def route_batch(self, prompts: list[str] | None = None, *, requests: list[dict] | None = None,
                           preference: dict | None = None, candidates: list[str] | None = None,
@@ -74,7 +81,7 @@ class RouterClient:
             body, models=info["models"], default_w_cost=info["default_w_cost"], default_mode=info["default_mode"],
             max_prompt_chars=info["max_prompt_chars"], max_batch_requests=max_batch_requests,
         )
-        outs = await self.handle.route_many.remote(reqs)
+        outs = await self.ingress.route_requests.remote(reqs)
         return [o["response"] if "error" not in o else {"error": o["error"]} for o in outs]
 
     def route_sync(self, prompt: str | None = None, *, messages: list | None = None, preference: dict | None = None,
@@ -83,4 +90,4 @@ class RouterClient:
         if self._info is None or time.monotonic() - self._info_at > self._ttl:
             self._info, self._info_at = self.handle.info.remote().result(), time.monotonic()
         req = self._request(self._info, self._body(prompt, messages, preference, candidates, mode))
-        return self._answer(self.handle.route.remote(req).result())
+        return self._answer(self.ingress.route_requests.remote([req]).result()[0])

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from banditroute.config import ConfigError, load_config
+from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR
+from banditroute.security import SecurityConfig
 
 ROUTE_MODES = ("explore", "greedy")
 
@@ -124,6 +126,10 @@ class RouterConfig:
     """Rust tokenizer threads in Router replicas; None = on for CUDA replicas (the host tokenizer bounds them), off on CPU."""
     seed: int | None = None
     """Seed of the exploration sampler (tests); None = fresh randomness per replica."""
+    exploration_floor: float = DEFAULT_EXPLORATION_FLOOR
+    """Least probability of each candidate in explore mode (policy.exploration; min(floor, 1/K) with K candidates)."""
+    exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING
+    """Largest probability of any candidate in explore mode (max(ceiling, 1/K)); keep equal to learner.promotion's."""
     default_preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     """Preference used when a request gives none."""
     # Explore is the default: the system learns online, and only sampled decisions
@@ -148,6 +154,8 @@ class RouterConfig:
     """Named ParameterServer actor to long-poll for new weights; None = serve static weights."""
     parameter_server_namespace: str | None = "banditroute"
     """Ray namespace of that actor (= learner.param_server.NAMESPACE; replicas themselves run in 'serve')."""
+    learner_actor_name: str | None = None
+    """Named learner actor (namespace parameter_server_namespace) behind /v1/admin/policy/*; None = those routes answer 404."""
     weights_poll_timeout_s: float = 10.0
     """Long-poll timeout of one wait_for_newer call (also the replica's heartbeat period)."""
     weights_retry_max_s: float = 30.0
@@ -156,6 +164,8 @@ class RouterConfig:
     """Per pool model: its OpenAI-compatible upstream."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     """The replay upstream (answers with logged responses)."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """Signed decision tokens (secret from an env var), API keys per endpoint group, body and reward limits."""
 
     def validate(self) -> None:
         if self.policy is None and self.parameter_server_name is None:
@@ -181,6 +191,9 @@ class RouterConfig:
             raise ValueError("num_gpus must be >= 0")
         if self.torch_threads < 0:
             raise ValueError("torch_threads must be >= 0")
+        from banditroute.policy.exploration import check_bounds
+
+        check_bounds(self.exploration_floor, self.exploration_ceiling)
         if self.default_mode not in ROUTE_MODES:
             raise ValueError(f"default_mode must be one of {list(ROUTE_MODES)}, got {self.default_mode!r}")
         if self.weights_poll_timeout_s <= 0 or self.weights_retry_max_s <= 0:

@@ -37,6 +37,12 @@ import torch
 
 from banditroute.policy.barp import RoutingPolicy
 from banditroute.policy.encoders import EncoderConfig, make_encoder, resolve_device
+from banditroute.policy.exploration import (
+    DEFAULT_EXPLORATION_CEILING,
+    DEFAULT_EXPLORATION_FLOOR,
+    bound_probabilities,
+    check_bounds,
+)
 from banditroute.records import DECISION_SCHEMA, DecisionRecord, WeightsSnapshot, new_decision_id
 
 ROUTE_MODES = ("explore", "greedy")
@@ -198,7 +204,12 @@ class RouterCore:
         *,
         seed: int | None = None,
         torch_threads: int = 0,
+        exploration_floor: float = DEFAULT_EXPLORATION_FLOOR,
+        exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING,
     ):
+        check_bounds(exploration_floor, exploration_ceiling)
+        self.exploration_floor = float(exploration_floor)
+        self.exploration_ceiling = float(exploration_ceiling)
         if torch_threads > 0:
             torch.set_num_threads(int(torch_threads))
         self.device = policy.device
@@ -231,13 +242,16 @@ class RouterCore:
         seed: int | None = None,
         torch_threads: int = 0,
         encoder_overrides: dict[str, Any] | None = None,
+        exploration_floor: float = DEFAULT_EXPLORATION_FLOOR,
+        exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING,
     ) -> "RouterCore":
         """Load a policy checkpoint and build the encoder it was trained with, on ``device``."""
         dev = resolve_device(device)
         from banditroute.policy.checkpoint import load_policy
 
         policy = load_policy(path, device=dev)
-        return cls(policy, cls._make_encoder(policy, dev, encoder_overrides), seed=seed, torch_threads=torch_threads)
+        return cls(policy, cls._make_encoder(policy, dev, encoder_overrides), seed=seed, torch_threads=torch_threads,
+                   exploration_floor=exploration_floor, exploration_ceiling=exploration_ceiling)
 
     @classmethod
     def from_state(
@@ -249,13 +263,16 @@ class RouterCore:
         torch_threads: int = 0,
         encoder_overrides: dict[str, Any] | None = None,
         policy_version: int | None = None,
+        exploration_floor: float = DEFAULT_EXPLORATION_FLOOR,
+        exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING,
     ) -> "RouterCore":
         """From ``RoutingPolicy.state()`` (e.g. a parameter server's WeightsSnapshot.state)."""
         dev = resolve_device(device)
         policy = policy_from_state(state, device=dev)
         if policy_version is not None:
             policy.meta.policy_version = int(policy_version)
-        return cls(policy, cls._make_encoder(policy, dev, encoder_overrides), seed=seed, torch_threads=torch_threads)
+        return cls(policy, cls._make_encoder(policy, dev, encoder_overrides), seed=seed, torch_threads=torch_threads,
+                   exploration_floor=exploration_floor, exploration_ceiling=exploration_ceiling)
 
     @staticmethod
     def _make_encoder(policy: RoutingPolicy, device: str, overrides: dict[str, Any] | None):
@@ -431,6 +448,11 @@ class RouterCore:
             w_cost, explore, mask = inputs[:, 0], inputs[:, 1] > 0.5, inputs[:, 2:] > 0.5
             logits = policy.logits(emb, w_cost, mask)
             probs = torch.softmax(logits.float(), dim=-1)
+            # Explore rows sample from the BOUNDED distribution (policy.exploration) and
+            # report it, so the logged propensity is what was really sampled from; greedy
+            # rows keep the plain softmax (and propensity 1).
+            bounded = bound_probabilities(probs, mask, self.exploration_floor, self.exploration_ceiling)
+            probs = torch.where(explore.unsqueeze(1), bounded, probs)
             sampled = torch.multinomial(probs, 1, generator=self._generator).squeeze(1)
             greedy = probs.argmax(dim=-1)
             actions = torch.where(explore, sampled, greedy)

@@ -8,6 +8,8 @@ offending field, which the ingress turns into
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Sequence
 
 from banditroute.policy.reward import PreferenceError, preference_to_w_cost
@@ -29,6 +31,58 @@ class RequestError(ValueError):
 
 def error_body(message: str, field: str | None = None, type_: str = "invalid_request_error") -> dict[str, Any]:
     return {"error": {"message": message, "field": field, "type": type_}}
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr for error messages: bounded length, and never raises (deeply nested client JSON)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """A request body -> JSON value, or RequestError(400, "body").
+
+    Stricter than ``json.loads``: the body must be UTF-8 (RFC 8259; json.loads
+    would also take UTF-16/32 and let encoded surrogates through), and
+    NaN/Infinity, numbers that overflow a float and lone UTF-16 surrogate
+    escapes are refused: they are not JSON / not Unicode, and nothing
+    downstream (encoders, logs, upstream calls) can use them.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(400, "body", f"the body must be UTF-8 (invalid byte at offset {exc.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise RequestError(400, "body", "the body is nested too deeply") from None
+    except (ValueError, TypeError) as exc:  # JSONDecodeError, huge ints, NaN
+        raise RequestError(400, "body", f"the body must be valid JSON ({str(exc)[:120]})") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(400, "body", "the body contains a lone UTF-16 surrogate escape (not valid Unicode)") from None
+        except (ValueError, RecursionError):
+            raise RequestError(400, "body", "the body is nested too deeply") from None
+    return value
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -89,11 +143,20 @@ def parse_preference(value: Any, default_w_cost: float, field: str = "preference
         raise RequestError(422, field, f"{field} must be an object like {{\"quality\": 0.7, \"cost\": 0.3}}")
     unknown = sorted(set(value) - {"quality", "cost"})
     if unknown:
-        raise RequestError(422, f"{field}.{unknown[0]}", f"{field}: unknown key {unknown[0]!r}; use 'quality' and 'cost'")
+        raise RequestError(422, f"{field}.{unknown[0]}", f"{field}: unknown key {short_repr(unknown[0])}; use 'quality' and 'cost'")
     if not value:
         raise RequestError(422, field, f"{field} must give 'quality' and/or 'cost'")
+    weights = {}
+    for key in ("quality", "cost"):
+        weight = value.get(key, 0.0)
+        if isinstance(weight, int) and not isinstance(weight, bool):
+            try:  # numpy cannot check ints beyond int64; a float can (or overflows: out of range)
+                weight = float(weight)
+            except OverflowError:
+                raise RequestError(422, f"{field}.{key}", f"{field}.{key} is out of range") from None
+        weights[key] = weight
     try:
-        return preference_to_w_cost(value.get("quality", 0.0), value.get("cost", 0.0))
+        return preference_to_w_cost(weights["quality"], weights["cost"])
     except PreferenceError as exc:
         message = str(exc)
         sub = field
@@ -115,7 +178,7 @@ def parse_candidates(value: Any, models: Sequence[str] | None, field: str = "can
         if not isinstance(name, str):
             raise RequestError(422, f"{field}[{i}]", f"{field}[{i}] must be a string")
         if models is not None and name not in models:
-            raise RequestError(422, field, f"{field}: unknown model {name!r}; known: {list(models)}")
+            raise RequestError(422, field, f"{field}: unknown model {short_repr(name)}; known: {list(models)}")
         if name not in out:
             out.append(name)
     return out
@@ -125,7 +188,7 @@ def parse_mode(value: Any, default_mode: str, field: str = "mode") -> str:
     if value is None:
         return default_mode
     if value not in ROUTE_MODES:
-        raise RequestError(422, field, f"{field} must be one of {list(ROUTE_MODES)}, got {value!r}")
+        raise RequestError(422, field, f"{field} must be one of {list(ROUTE_MODES)}, got {short_repr(value)}")
     return value
 
 

@@ -19,12 +19,20 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The decision-token secret every RouterIngress replica needs (security.token_secret_env's default name);
+# tests that sign or verify tokens themselves read it from os.environ.
+TOKEN_SECRET_ENV = "BANDITROUTE_TOKEN_SECRET"
+os.environ.setdefault(TOKEN_SECRET_ENV, "test-secret-" + os.urandom(16).hex())
+# API keys per endpoint group for apps deployed with security.*_api_keys_env naming these (test_security, test_fuzz).
+TEST_API_KEYS = {"BANDITROUTE_TEST_ROUTE_KEYS": "route-key-1,route-key-2", "BANDITROUTE_TEST_FEEDBACK_KEYS": "feedback-key-1",
+                 "BANDITROUTE_TEST_ADMIN_KEYS": "admin-key-1"}
+os.environ.update(TEST_API_KEYS)
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))  # so tests can import helpers such as s3server
 
-from s3server import s3_server, s3_storage_config  # noqa: E402,F401  (a real moto_server on loopback)
+from s3server import S3_TEST_ENV, s3_server, s3_storage_config  # noqa: E402,F401  (a real moto_server on loopback)
 
 
 def free_port() -> int:
@@ -43,7 +51,9 @@ def ray_cluster():
             num_cpus=8,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+            # S3 credentials of the moto server (any value works there), so actors on S3 storage can sign requests.
+            runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                      **S3_TEST_ENV, TOKEN_SECRET_ENV: os.environ[TOKEN_SECRET_ENV], **TEST_API_KEYS}},
         )
     yield ray
     try:

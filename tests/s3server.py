@@ -35,7 +35,7 @@ import pytest
 
 from banditroute.storage import StorageConfig
 
-_TEST_ENV = {
+S3_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
@@ -175,9 +175,9 @@ class S3Server:
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
-            region_name=_TEST_ENV["AWS_DEFAULT_REGION"],
-            aws_access_key_id=_TEST_ENV["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
+            region_name=S3_TEST_ENV["AWS_DEFAULT_REGION"],
+            aws_access_key_id=S3_TEST_ENV["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
         )
 
     def create_bucket(self, name: str | None = None) -> str:
@@ -201,13 +201,130 @@ class S3Server:
         settings = {
             "uri": uri,
             "endpoint_url": self.endpoint_url,
-            "region": _TEST_ENV["AWS_DEFAULT_REGION"],
+            "region": S3_TEST_ENV["AWS_DEFAULT_REGION"],
             "connect_timeout_s": 1.0,
             "request_timeout_s": 1.0,
             "max_attempts": 1,
         }
         settings.update(overrides)
         return StorageConfig(**settings)
+
+
+class S3Proxy:
+    """A loopback TCP proxy in front of the moto server that can take S3 away while moto keeps its objects.
+
+    ``down()`` closes the listening socket and every open connection, so
+    clients get "connection refused" at once (moto itself keeps running with
+    all its buckets and objects); ``up()`` listens on the same port again.
+    Point a StorageConfig at :attr:`endpoint_url` (``storage_config()``).
+    """
+
+    def __init__(self, server: S3Server, port: int | None = None):
+        self.server = server
+        self.host = "127.0.0.1"
+        self.port = port or _free_port()
+        self._listener: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.connections = 0
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def is_up(self) -> bool:
+        return self._listener is not None
+
+    def up(self) -> None:
+        if self._listener is not None:
+            return
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(128)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True, name="s3proxy-accept").start()
+
+    def down(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    @contextlib.contextmanager
+    def outage(self) -> Iterator[None]:
+        self.down()
+        try:
+            yield
+        finally:
+            self.up()
+
+    def storage_config(self, bucket: str | None = None, prefix: str = "", **overrides) -> StorageConfig:
+        config = self.server.storage_config(bucket, prefix, **overrides)
+        config.endpoint_url = self.endpoint_url
+        return config
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by down()
+            try:
+                upstream = socket.create_connection((self.server.host, self.server.port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns.update((client, upstream))
+                self.connections += 1
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True, name="s3proxy-pipe").start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            with self._lock:
+                self._conns.discard(src)
+                self._conns.discard(dst)
+            src.close()
+
+
+@pytest.fixture
+def s3_proxy(s3_server: S3Server) -> Iterator[S3Proxy]:
+    """A fresh S3Proxy (up) in front of the session's moto server; taken down for good after the test."""
+    if not s3_server.running:
+        s3_server.start()
+    s3_server.resume()
+    proxy = S3Proxy(s3_server)
+    proxy.up()
+    try:
+        yield proxy
+    finally:
+        proxy.down()
 
 
 # One server per test process, shared by every module that imports the fixture:
@@ -241,8 +358,8 @@ def release_server() -> None:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """A running moto S3 server on 127.0.0.1 for the whole test session."""
-    saved = {name: os.environ.get(name) for name in _TEST_ENV}
-    os.environ.update(_TEST_ENV)
+    saved = {name: os.environ.get(name) for name in S3_TEST_ENV}
+    os.environ.update(S3_TEST_ENV)
     server = acquire_server()
     try:
         yield server

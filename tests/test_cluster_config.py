@@ -21,6 +21,7 @@ from banditroute.config import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "configs" / "app.example.yaml"
 RAYSERVICE = ROOT / "k8s" / "base" / "rayservice.yaml"
+EXAMPLE_SEED = "s3://banditroute-data/banditroute/seed-policy"
 
 
 def k8s_serve_config() -> dict:
@@ -38,6 +39,7 @@ def test_example_config_loads():
     assert app.serve.router_autoscaling.max_replicas == 4 and app.serve.ingress_autoscaling is not None
     assert app.prices == {"gpt-4": 0.03, "mixtral-8x7b": 0.0006}
     assert app.learner.checkpoint_every == 100 and app.feedback.learner_batch_size == 32
+    assert app.online.enabled and app.online.initial_policy.startswith("s3://")
 
 
 @pytest.mark.parametrize(
@@ -58,6 +60,8 @@ def test_example_config_loads():
         ({"feedback": {"learner_batch_size": 0}}, "feedback.learner_batch_size"),
         ({"prices": {"gpt-4": -1}}, "prices.gpt-4"),
         ({"prices": {"gpt-4": "cheap"}}, "prices.gpt-4"),
+        ({"online": {"enabled": "sometimes"}}, "online.enabled"),
+        ({"online": {"actor_prefix": ""}}, "online.actor_prefix"),
     ],
 )
 def test_bad_values_name_the_field(data, field):
@@ -100,6 +104,15 @@ def test_serve_config_validates_and_matches_k8s():
     assert (ours["name"], ours["route_prefix"]) == (theirs["name"], theirs["route_prefix"])
     assert [d["name"] for d in ours["deployments"]] == [d["name"] for d in theirs["deployments"]]
     assert ours["args"]["storage"] == theirs["args"]["storage"]
+    assert ours["args"]["online"] == theirs["args"]["online"] == {"enabled": True, "initial_policy": EXAMPLE_SEED}
+    from banditroute.config import from_dict
+    from banditroute.security import SecurityConfig
+
+    security = [from_dict(SecurityConfig, a["args"]["security"]) for a in (ours, theirs)]
+    assert security[0] == security[1] and security[0].admin_api_keys_env  # the env var names the pods get
+    # the builder starts the loop's actors, so it gets their sections (and the prices) too
+    assert ours["args"]["learner"]["checkpoint_every"] == 100 and ours["args"]["feedback"]["learner_batch_size"] == 32
+    assert ours["args"]["prices"] == {"gpt-4": 0.03, "mixtral-8x7b": 0.0006}
     assert config["proxy_location"] == k8s["proxy_location"] and config["http_options"] == k8s["http_options"]
     deployments = {d["name"]: d for d in ours["deployments"]}
     assert deployments["Router"]["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
@@ -119,7 +132,8 @@ def test_build_app_accepts_the_storage_arg(tmp_path):
     policy_path, _ = write_fixture(tmp_path, n=8)
     generated = serve_config_from_app(load_app_config(EXAMPLE, environ={}))["applications"][0]["args"]
     for args in (generated, k8s_serve_config()["applications"][0]["args"]):
-        app = build_app(dict(args, policy=str(policy_path), num_gpus=0))
+        args = dict(args, policy=str(policy_path), num_gpus=0, online={"enabled": False}, prices={})
+        app = build_app(args)  # the online loop itself: tests/test_cluster_online.py
         ingress = app._bound_deployment
         assert (ingress.name, ingress.init_args[0]._bound_deployment.name) == ("RouterIngress", "Router")
     with pytest.raises(ValueError, match=r"storage\.uri"):

@@ -24,7 +24,9 @@ def decision(did: str) -> DecisionRecord:
 def test_event_log_on_s3_acks_only_durable_events_and_survives_an_outage(s3_server, s3_storage_config):  # noqa: F811
     async def scenario():
         log = EventLog(open_storage(s3_storage_config))
-        svc = FeedbackService(FeedbackConfig(send_to_learner=False, unknown_grace_s=0.0), log)
+        # No spool here: this checks that a write storage refuses is never acknowledged
+        # (the spooled path is tested in test_faults.py / test_feedback_spool.py).
+        svc = FeedbackService(FeedbackConfig(send_to_learner=False, unknown_grace_s=0.0, spool_max_events=0), log)
         await svc.record_decisions([decision(f"d{i}") for i in range(5)])
         acks = await svc.submit_rewards([RewardRecord(f"d{i}", 1.0, 0.001) for i in range(3)])
         assert [a["status"] for a in acks] == ["accepted"] * 3

@@ -195,7 +195,7 @@ def test_expired_decisions_default_and_late_rewards_are_logged(tmp_path):
 @pytest.mark.parametrize(
     "body, status, field",
     [
-        ([1, 2], 400, None),
+        ([1, 2], 400, "body"),
         ({"score": 0.5}, 422, "decision_id"),
         ({"decision_id": 5, "score": 0.5}, 422, "decision_id"),
         ({"decision_id": "x"}, 422, "score"),

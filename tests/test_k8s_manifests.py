@@ -554,8 +554,18 @@ def test_retrain_job(rendered):
     [job] = rendered["k8s/jobs/retrain"]
     assert job["kind"] == "RayJob"
     spec = job["spec"]
-    assert spec["entrypoint"].split()[:2] == ["banditroute", "train-from-log"]
-    assert re.search(r"--events s3://\S+", spec["entrypoint"]) and re.search(r"--out s3://\S+", spec["entrypoint"])
+    import shlex
+
+    from banditroute.cli import build_parser
+
+    words = shlex.split(spec["entrypoint"])
+    assert words[:2] == ["banditroute", "train-from-log"]
+    args = build_parser().parse_args(words[1:])  # a real command line of the real CLI (argparse exits otherwise)
+    overrides = dict(pair.split("=", 1) for pair in args.set)
+    prod = rendered_service(rendered, "k8s/overlays/prod")
+    prod_storage = yaml.safe_load(prod["spec"]["serveConfigV2"])["applications"][0]["args"]["storage"]
+    assert overrides["storage.uri"] == prod_storage["uri"]  # retrains on the event log prod writes
+    assert args.address == "auto"
     assert spec["shutdownAfterJobFinishes"] is True
     assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
 

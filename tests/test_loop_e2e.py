@@ -9,6 +9,7 @@ end to end through the CLI on a tiny synthetic data file.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from banditroute.feedback.log import EventLog
+from banditroute.security import sign, verify
 from banditroute.storage import StorageConfig, open_storage
 from synthetic import make_routing_data
 
@@ -54,8 +56,9 @@ def loop(serve_instance, tmp_path):
     policy = hashing_policy(models=data.models, dim=64)
     storage = StorageConfig(uri=str(tmp_path / "storage"))
     ps = get_or_create_parameter_server(names["ps"], NAMESPACE, storage)
+    # Promotion gate off: this test checks the plumbing (every update reaches BOTH replicas); the gate has its own tests.
     learner = get_or_create_learner_actor(
-        {"checkpoint_every": 5, "replay_sample": 16}, storage, policy.state(), name=names["learner"], parameter_server_name=names["ps"],
+        {"checkpoint_every": 5, "replay_sample": 16, "promotion": {"enabled": False}}, storage, policy.state(), name=names["learner"], parameter_server_name=names["ps"],
         num_cpus=0.1,
     )
     start = ray.get(learner.status.remote())["policy_version"]
@@ -76,6 +79,11 @@ def loop(serve_instance, tmp_path):
            "start_version": start, "names": names}
     for handle in (feedback, learner, ps):
         ray.kill(handle, no_restart=True)
+
+
+def raw_id(token: str) -> str:
+    """The raw decision id (as logged) a client-facing token binds."""
+    return verify(token, [os.environ["BANDITROUTE_TOKEN_SECRET"]], time.time()).decision_id
 
 
 def route_and_reward(client: httpx.Client, data, n: int, rng) -> list[str]:
@@ -100,10 +108,13 @@ def test_rewards_train_new_weights_that_every_replica_serves(loop):
     with httpx.Client(base_url=loop["base"], timeout=30.0, trust_env=False) as client:
         acked = route_and_reward(client, loop["data"], 40, rng)
 
-        # Bad feedback: 4xx naming the field; duplicates are 200 and change nothing.
+        # Bad feedback: 4xx naming the field; a duplicate (replayed token) is 409 and changes nothing.
         dup = client.post("/v1/feedback", json={"decision_id": acked[0], "score": 0.0})
-        assert dup.status_code == 200 and dup.json()["status"] == "duplicate"
-        unknown = client.post("/v1/feedback", json={"decision_id": "no-such-decision", "score": 1.0})
+        assert dup.status_code == 409 and dup.json()["status"] == "duplicate", dup.text
+        unsigned = client.post("/v1/feedback", json={"decision_id": "no-such-decision", "score": 1.0})
+        assert unsigned.status_code == 401 and unsigned.json()["error"]["field"] == "decision_id"
+        forged_ok = sign("no-such-decision", "m", 0, time.time() + 60, os.environ["BANDITROUTE_TOKEN_SECRET"])
+        unknown = client.post("/v1/feedback", json={"decision_id": forged_ok, "score": 1.0})  # authentic, never routed
         assert unknown.status_code == 404 and unknown.json()["error"]["field"] == "decision_id"
         for body, field in (({"decision_id": acked[1], "score": 1.5}, "score"), ({"score": 0.5}, "decision_id"),
                             ({"decision_id": acked[1], "score": "good"}, "score"), ({"decision_id": acked[1], "score": 1, "cost": -2}, "cost")):
@@ -126,11 +137,11 @@ def test_rewards_train_new_weights_that_every_replica_serves(loop):
 
     # The durable log holds every acknowledged event, exactly once.
     logged = EventLog(open_storage(loop["storage"])).read_events().column("decision_id").to_pylist()
-    assert sorted(logged) == sorted(acked)
+    assert sorted(logged) == sorted(raw_id(t) for t in acked)
 
     # A restarted feedback actor recovers what it acknowledged (a repeat is a duplicate, not a second event).
     ray.kill(loop["feedback"], no_restart=False)
-    again = wait_for(lambda: _try(lambda: ray.get(loop["feedback"].submit_reward.remote(_reward(acked[2])))), 60, what="feedback restart")
+    again = wait_for(lambda: _try(lambda: ray.get(loop["feedback"].submit_reward.remote(_reward(raw_id(acked[2]))))), 60, what="feedback restart")
     assert again["status"] == "duplicate"
 
     # A restarted learner resumes at (at least) the version replicas serve; versions never go back.
@@ -169,6 +180,9 @@ def test_up_command_end_to_end(serve_instance, tmp_path):
         "--replicas", "2", "--concurrency", "8",
         "--set", f"actor_prefix={prefix}", "--set", f"app_name={prefix}", "--set", "replica_num_cpus=0.1",
         "--set", "progress_interval_s=1", "--set", "network.hidden_dim=32",
+        # The promotion gate runs (held-out split, OPE every 10 updates) with a margin no candidate fails,
+        # so this 200-decision smoke run publishes; the gate's decisions are tested in test_promotion.py.
+        "--set", "learner.promotion.min_holdout_events=2", "--set", "learner.promotion.margin=10",
     ])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())

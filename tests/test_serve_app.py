@@ -126,6 +126,15 @@ def deployed(serve_http_port, tmp_path_factory):
         pass
 
 
+def raw_id(token: str) -> str:
+    """The raw decision id (as logged) that a client-facing decision token binds."""
+    import os
+
+    from banditroute.security import verify
+
+    return verify(token, [os.environ["BANDITROUTE_TOKEN_SECRET"]], time.time()).decision_id
+
+
 def route(client, body, status=200):
     r = client.post("/v1/route", json=body)
     assert r.status_code == status, r.text
@@ -146,6 +155,7 @@ def test_route_contract(deployed):
     out = route(c, {"prompt": "What is 2 + 2?"})
     assert set(out) >= {"decision_id", "model", "probability", "probabilities", "policy_version"}
     assert isinstance(out["decision_id"], str) and isinstance(out["policy_version"], int)
+    assert out["decision_id"].startswith("br1.") and len(raw_id(out["decision_id"])) >= 16  # a signed token
     assert abs(sum(out["probabilities"].values()) - 1) < 1e-5
     assert out["mode"] == "explore" and out["probability"] == pytest.approx(out["probabilities"][out["model"]])
 
@@ -280,6 +290,7 @@ def test_decisions_are_logged_before_the_answer(deployed):
     chat = c.post("/v1/chat/completions", json={"model": "banditroute", "candidates": ["mid-model"],
                                                  "messages": [{"role": "user", "content": data.prompts[3]}]})
     ids.append(chat.headers["x-banditroute-decision-id"])
+    ids = [raw_id(t) for t in ids]  # clients see signed tokens; the log keeps the raw ids they bind
     # read right away: an acknowledged decision is already on disk
     logged = {d.decision_id: d for d in read_decisions(deployed["log_dir"]) if d.decision_id not in before}
     assert set(ids) == set(logged) and len(logged) == len(ids) == 9

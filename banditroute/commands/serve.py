@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_router_config(args.config, _overrides(args))
     for var, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0")):
         os.environ.setdefault(var, value)
+    from banditroute.security import ensure_local_secret
+
+    # Local run: without a configured secret, an ephemeral one (warned about) so replicas can sign tokens.
+    ensure_local_secret(cfg.security)
     import ray
     from ray import serve
 
@@ -68,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     needed = cfg.num_replicas * cfg.num_cpus + cfg.ingress_replicas * cfg.ingress_num_cpus + 0.5
     num_cpus = args.num_cpus or max(float(os.cpu_count() or 1), needed)
-    env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM") if k in os.environ}
+    env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", cfg.security.token_secret_env)
+           if k in os.environ}
     init_kwargs = {"_metrics_export_port": args.metrics_port} if args.metrics_port else {}
     ray.init(num_cpus=int(num_cpus + 0.999), include_dashboard=False, runtime_env={"env_vars": env}, **init_kwargs)
 

@@ -1,0 +1,141 @@
+"""Offline (re)training from the durable event log (`banditroute train-from-log`, the k8s RayJob).
+
+The online learner sees each event about once, in arrival order. Offline, the
+same off-policy loss (learner/learner.py: clipped importance weights, value
+baseline, entropy bonus) runs several passes over everything the log holds:
+
+1. events are ordered by reward time; the most recent ``holdout_fraction`` of
+   them is held out (never trained on) -- the freshest traffic is the best
+   stand-in for what the policy will see next;
+2. the starting policy (the newest online checkpoint, or ``--policy``) is
+   trained for ``epochs`` passes over the rest, in shuffled batches;
+3. candidate and starting policy are evaluated off-policy on the held-out
+   events, in explore mode (the distribution replicas serve); the candidate
+   passes when its estimate is not below the start's by more than ``margin``.
+
+The candidate is written as a checkpoint under its own storage prefix
+(``offline/`` by default, never the online learner's ``checkpoints/``, so two
+writers never share a version number) with the report beside it. Serving it
+is a separate, explicit step (docs/deploy.md: pin it through the admin API).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from banditroute.learner.learner import LearnerConfig, OnlineLearner
+from banditroute.learner.ope import evaluate_policy
+from banditroute.policy.barp import RoutingPolicy
+
+ESTIMATORS = ("ips", "snips", "dr")
+
+
+@dataclass
+class OfflineRetrainConfig:
+    """`banditroute train-from-log`: which events, how many passes, and the check the result must pass."""
+
+    since_hours: float = 168.0
+    """Train on events whose reward arrived in the last this-many hours (0 = the whole log)."""
+    holdout_fraction: float = 0.2
+    """The most recent share of events, held out from training and used to compare candidate and start."""
+    epochs: int = 3
+    """Passes over the training events."""
+    batch_size: int = 512
+    """Events per learner update."""
+    min_events: int = 100
+    """Fewer usable events than this in the log is an error (nothing worth retraining on)."""
+    estimator: str = "snips"
+    """OPE estimator of the comparison: 'ips', 'snips' or 'dr'."""
+    margin: float = 0.0
+    """The candidate passes when its estimated reward >= the start's minus this margin."""
+    out_prefix: str = "offline"
+    """Storage prefix (under storage.uri) of the retrained checkpoints and reports."""
+    seed: int = 0
+    """Seeds the batch shuffling (and the DR reward model's folds)."""
+
+    def validate(self) -> None:
+        if not (self.since_hours >= 0 and math.isfinite(self.since_hours)):
+            raise ValueError("since_hours must be >= 0")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError("holdout_fraction must be in (0, 1)")
+        if self.epochs < 1 or self.batch_size < 1 or self.min_events < 1:
+            raise ValueError("epochs, batch_size and min_events must be >= 1")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
+        if not (self.margin >= 0 and math.isfinite(self.margin)):
+            raise ValueError("margin must be >= 0")
+        if not self.out_prefix or self.out_prefix.strip("/") in ("checkpoints", "events", "decisions"):
+            raise ValueError("out_prefix must be a prefix of its own (not checkpoints/, events/ or decisions/)")
+
+
+def split_holdout(events: pa.Table, fraction: float) -> tuple[pa.Table, pa.Table]:
+    """(train, holdout): the holdout is the most recent ``fraction`` of events by reward time."""
+    order = np.argsort(np.asarray(events.column("reward_time").to_numpy(zero_copy_only=False), dtype=np.float64), kind="stable")
+    n_holdout = max(1, int(round(len(order) * fraction)))
+    return events.take(pa.array(order[:-n_holdout])), events.take(pa.array(order[-n_holdout:]))
+
+
+def offline_learner_config(online: LearnerConfig) -> LearnerConfig:
+    """The online loss settings, without the replay buffer (every event is revisited each epoch anyway)."""
+    cfg = copy.deepcopy(online)
+    cfg.replay_capacity = 0
+    cfg.replay_sample = 0
+    return cfg
+
+
+def train_offline(events: pa.Table, start: RoutingPolicy, learner: LearnerConfig, cfg: OfflineRetrainConfig) -> tuple[RoutingPolicy, dict[str, Any]]:
+    """Train a copy of ``start`` on the log; returns (candidate, report with the held-out comparison)."""
+    cfg.validate()
+    if len(events) < cfg.min_events:
+        raise ValueError(f"the event log holds {len(events)} events in the window; min_events is {cfg.min_events}")
+    train, holdout = split_holdout(events, cfg.holdout_fraction)
+    candidate = RoutingPolicy.from_state(start.state())
+    candidate.meta.policy_version = start.policy_version
+    trainer = OnlineLearner(candidate, offline_learner_config(learner))
+    rng = np.random.default_rng(cfg.seed)
+    began = time.perf_counter()
+    losses = []
+    for _ in range(cfg.epochs):
+        order = rng.permutation(len(train))
+        for lo in range(0, len(order), cfg.batch_size):
+            metrics = trainer.update(train.take(pa.array(order[lo : lo + cfg.batch_size])))
+            if metrics.get("total_loss") is not None:
+                losses.append(metrics["total_loss"])
+    candidate = trainer.policy
+    candidate.network.eval()
+    ope_start = evaluate_policy(holdout, start, modes=("explore",), seed=cfg.seed)
+    ope_candidate = evaluate_policy(holdout, candidate, modes=("explore",), seed=cfg.seed)
+    start_value = ope_start["modes"]["explore"]["estimates"][cfg.estimator]
+    candidate_value = ope_candidate["modes"]["explore"]["estimates"][cfg.estimator]
+    passed = candidate_value["value"] >= start_value["value"] - cfg.margin
+    report = {
+        "events": len(events),
+        "train_events": len(train),
+        "holdout_events": len(holdout),
+        "events_trained": trainer.events_trained,
+        "updates": trainer.updates,
+        "skipped": dict(trainer.skipped),
+        "epochs": cfg.epochs,
+        "train_s": time.perf_counter() - began,
+        "final_loss": losses[-1] if losses else None,
+        "start_version": start.policy_version,
+        "candidate_version": candidate.policy_version,
+        "estimator": cfg.estimator,
+        "margin": cfg.margin,
+        "start_estimate": start_value,
+        "candidate_estimate": candidate_value,
+        "passed": bool(passed),
+        "reason": (
+            f"candidate {cfg.estimator} {candidate_value['value']:+.4f} vs start {start_value['value']:+.4f} "
+            f"on {ope_candidate['events_used']} held-out events: "
+            + ("not worse than the start by more than the margin" if passed else f"worse by more than margin {cfg.margin}")
+        ),
+    }
+    return candidate, report

@@ -1,0 +1,265 @@
+"""The promotion gate without Ray: holdout split, paired OPE, the decision rule, and the learner actor's
+gate / pin / restart logic (LearnerActor runs in process with local storage and no parameter server)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from banditroute.config import ConfigError, from_dict
+from banditroute.learner.actor import LearnerActor
+from banditroute.learner.checkpoint import list_checkpoints, load_checkpoint, read_manifest
+from banditroute.learner.learner import LearnerConfig
+from banditroute.learner.ope import Estimate, paired_estimates
+from banditroute.learner.promotion import (
+    HoldoutBuffer,
+    PromotionConfig,
+    compare_on_holdout,
+    holdout_score,
+    is_held_out,
+    promotion_decision,
+    split_holdout,
+)
+from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
+from banditroute.policy.encoders import EncoderConfig, make_encoder
+from banditroute.policy.reward import fit_tau
+from banditroute.records import DecisionRecord, JoinedEvent, events_to_table
+from banditroute.storage import StorageConfig, open_storage
+from synthetic import make_routing_data
+
+ENC = EncoderConfig(name="hashing", dim=64)
+GATE = {"every_updates": 5, "holdout_fraction": 0.5, "min_holdout_events": 40}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    data = make_routing_data(300, seed=0)
+    encoder = make_encoder(ENC)
+    return data, encoder.encode(data.prompts), encoder.encoder_id
+
+
+def new_policy(data, encoder_id, seed=0) -> RoutingPolicy:
+    torch.manual_seed(seed)
+    meta = PolicyMeta(models=list(data.models), tau=fit_tau(data.costs), embed_dim=64, encoder=ENC, encoder_id=encoder_id,
+                      network=NetworkConfig(hidden_dim=32, preference_dim=8))
+    return RoutingPolicy(meta)
+
+
+def uniform_events(problem, rng, n, start, poison_training=False, tau=None, mode="explore"):
+    """Events logged by a uniform router (mu = 1/3). ``poison_training``: the events that will be TRAINED on
+    (not held out) carry the opposite reward (score 1 - s, normalised cost 1 - c), so the learner gets worse
+    while the held-out events stay true."""
+    data, emb, enc_id = problem
+    rows, w, acts = rng.integers(0, len(data), n), rng.uniform(0, 1, n), rng.integers(0, 3, n)
+    events = []
+    for i, (r, k) in enumerate(zip(rows, acts)):
+        did = f"d{start + i}"
+        score, cost = float(data.scores_filled[r, k]), float(data.costs[r, k])
+        if poison_training and holdout_score(did) >= GATE["holdout_fraction"]:
+            score, cost = 1.0 - score, tau * (1.0 - min(cost / tau, 1.0))
+        events.append(JoinedEvent(DecisionRecord(did, 0.0, emb[r].tolist(), float(w[i]), list(data.models), data.models[k],
+                                                 1 / 3, 0, mode=mode, encoder_id=enc_id), score, cost, 0.0))
+    return events_to_table(events)
+
+
+# --- pure pieces --------------------------------------------------------------------------
+
+
+def test_holdout_split_is_deterministic_and_has_the_right_fraction():
+    ids = [f"decision-{i}" for i in range(20000)]
+    held = is_held_out(ids, 0.1)
+    assert abs(held.mean() - 0.1) < 0.01
+    assert np.array_equal(held, is_held_out(ids, 0.1))  # same ids, same side (restarts, replays)
+    assert not (is_held_out(ids, 0.05) & ~held).any()  # a smaller fraction holds out a subset
+    assert 0.0 <= holdout_score("x") < 1.0 and holdout_score("x") == holdout_score("x")
+
+
+def test_split_and_bounded_buffer(problem):
+    table = uniform_events(problem, np.random.default_rng(0), 200, 0)
+    train, held = split_holdout(table, 0.5)
+    assert len(train) + len(held) == 200 and 0 < len(held) < 200
+    assert not set(train.column("decision_id").to_pylist()) & set(held.column("decision_id").to_pylist())
+    buf = HoldoutBuffer(capacity=50)
+    for part in (held.slice(0, 30), held.slice(30, 30), held.slice(60)):
+        buf.add(part)
+    assert len(buf) == 50 and buf.seen == len(held)
+    assert buf.table().column("decision_id").to_pylist() == held.column("decision_id").to_pylist()[-50:]  # the most recent
+
+
+def test_paired_difference_has_a_smaller_se_than_independent_estimates():
+    rng = np.random.default_rng(0)
+    r = rng.uniform(-1, 1, 2000)
+    rho_a = rng.uniform(0.5, 1.5, 2000)
+    rho_b = rho_a * 1.01  # nearly the same policy
+    for est in ("ips", "snips"):
+        a, b, d = paired_estimates(est, r, rho_a, rho_b)
+        assert d.value == pytest.approx(a.value - b.value)
+        assert d.se < 0.2 * math.hypot(a.se, b.se), est
+    q = rng.uniform(-1, 1, 2000)
+    a, b, d = paired_estimates("dr", r, rho_a, rho_b, q, q + 0.1, q)
+    assert d.value == pytest.approx(a.value - b.value) and d.value == pytest.approx(0.1 + np.mean((rho_a - rho_b) * (r - q)))
+
+
+def test_promotion_decision_rules():
+    cfg = PromotionConfig(margin=0.02, min_holdout_events=30)
+    serving = Estimate("dr", 0.30, 0.01)
+    few = promotion_decision(Estimate("dr", 0.9, 0.01), serving, 10, cfg)
+    assert not few.promote and "insufficient evidence" in few.reason  # even a great-looking candidate, on 10 events
+    better = promotion_decision(Estimate("dr", 0.32, 0.01), serving, 500, cfg, difference=Estimate("dr", 0.02, 0.005))
+    assert better.promote and better.difference["lower_bound"] > 0
+    slightly = promotion_decision(Estimate("dr", 0.295, 0.01), serving, 500, cfg, difference=Estimate("dr", -0.005, 0.005))
+    assert slightly.promote  # within the margin
+    worse = promotion_decision(Estimate("dr", 0.25, 0.01), serving, 500, cfg, difference=Estimate("dr", -0.05, 0.005))
+    assert not worse.promote and "possibly worse" in worse.reason
+    unsure = promotion_decision(Estimate("dr", 0.30, 0.01), serving, 500, cfg, difference=Estimate("dr", 0.0, 0.05))
+    assert not unsure.promote  # can't tell: held
+    # Without a paired difference the SEs combine as if independent: sqrt(2) * 0.01 here.
+    indep = promotion_decision(Estimate("dr", 0.29, 0.01), serving, 500, cfg)
+    assert indep.difference["se"] == pytest.approx(math.sqrt(2) * 0.01) and not indep.promote
+    paired = promotion_decision(Estimate("dr", 0.29, 0.01), serving, 500, cfg, difference=Estimate("dr", -0.01, 0.002))
+    assert paired.promote  # the same values with the (smaller) paired SE pass
+    nan = promotion_decision(Estimate("snips", float("nan"), float("nan")), serving, 500, cfg)
+    assert not nan.promote and "not finite" in nan.reason
+    off = promotion_decision(None, None, 0, PromotionConfig(enabled=False))
+    assert off.promote and "disabled" in off.reason
+    assert set(better.as_dict()) >= {"promote", "reason", "candidate", "serving", "difference", "n_events", "margin"}
+
+
+def test_config_validation_names_the_field():
+    cfg = from_dict(LearnerConfig, {"promotion": {"margin": 0.05, "estimator": "snips"}}, prefix="learner")
+    assert isinstance(cfg.promotion, PromotionConfig) and cfg.promotion.margin == 0.05
+    assert LearnerConfig(promotion={"every_updates": 3}).promotion.every_updates == 3
+    for bad, name in (({"holdout_fraction": 1.5}, "learner.promotion.holdout_fraction"),
+                      ({"estimator": "magic"}, "learner.promotion.estimator"),
+                      ({"exploration_floor": 0.9, "exploration_ceiling": 0.5}, "learner.promotion.exploration_floor"),
+                      ({"min_holdout_events": 10, "holdout_capacity": 5}, "learner.promotion.min_holdout_events")):
+        with pytest.raises((ValueError, ConfigError), match=name.replace(".", r"\.")):
+            from_dict(LearnerConfig, {"promotion": bad}, prefix="learner")
+
+
+def test_ope_sees_a_worse_policy_as_worse(problem):
+    """A policy that always picks the expensive model at w_cost ~ 1 is worse than one picking cheap models."""
+    data, _, enc_id = problem
+    table = uniform_events(problem, np.random.default_rng(1), 600, 0)
+    good, bad = new_policy(data, enc_id, 1), new_policy(data, enc_id, 2)
+    with torch.no_grad():
+        for policy, bias in ((good, [2.0, 2.0, -4.0]), (bad, [-4.0, -4.0, 4.0])):
+            policy.network.decision_head.weight.mul_(0.0)
+            policy.network.decision_head.bias.copy_(torch.tensor(bias))
+    cfg = PromotionConfig()
+    cmp = compare_on_holdout(table, bad, good, cfg)
+    assert cmp.n_events == 600 and cmp.difference.value < -0.05
+    decision = promotion_decision(cmp.candidate, cmp.serving, cmp.n_events, cfg, cmp.difference)
+    assert not decision.promote
+    assert promotion_decision(*(lambda c: (c.candidate, c.serving, c.n_events, cfg, c.difference))(
+        compare_on_holdout(table, good, bad, cfg))).promote
+
+
+# --- the learner actor's gate, in process -------------------------------------------------
+
+
+def make_actor(problem, tmp_path, lr=0.1, **gate):
+    data, _, enc_id = problem
+    storage = StorageConfig(uri=str(tmp_path / "storage"))
+    cfg = {"learning_rate": lr, "replay_sample": 16, "checkpoint_every": 5, "promotion": {**GATE, **gate}}
+    return LearnerActor(cfg, storage, new_policy(data, enc_id).state(), parameter_server_name=None), storage, cfg
+
+
+def test_poisoned_candidate_is_held_and_a_good_one_promoted(problem, tmp_path):
+    data, _, enc_id = problem
+    tau = fit_tau(data.costs)
+    actor, storage, _ = make_actor(problem, tmp_path)
+    rng = np.random.default_rng(1)
+    for u in range(30):
+        actor.update(uniform_events(problem, rng, 16, u * 100, poison_training=True, tau=tau))
+    status = actor.promotion_status()
+    gates = [h for h in status["history"] if h["action"] == "gate"]
+    assert len(gates) == 6 and status["candidate_version"] == 30
+    assert "insufficient evidence" in gates[0]["reason"]
+    assert all(not g["promote"] for g in gates), [g["reason"] for g in gates]
+    assert any("possibly worse" in g["reason"] for g in gates)
+    assert status["serving_version"] == 0 and actor.status()["policy_version"] == 0  # nothing published
+    assert actor.status()["events_held_out"] + actor.status()["events_trained"] == 30 * 16
+    # Checkpoints still written, marked not promoted; the served v0 stays recoverable (protected from pruning).
+    ckpt = open_storage(storage).child("checkpoints")
+    versions = list_checkpoints(ckpt)
+    assert versions[-1] == 30 and read_manifest(ckpt, 30)["promoted"] is False and 0 in versions
+
+    # With true rewards and a sane learning rate the gate lets candidates through.
+    good, _, _ = make_actor(problem, tmp_path / "good", lr=1e-2)
+    for u in range(30):
+        good.update(uniform_events(problem, rng, 16, 10_000 + u * 100))
+    promoted = [h for h in good.promotion_status()["history"] if h["action"] == "gate" and h["promote"]]
+    assert promoted and good.status()["policy_version"] == promoted[-1]["candidate_version"] > 0
+
+
+def test_pin_unpin_and_restart_keep_versions_moving_forward(problem, tmp_path):
+    data, _, enc_id = problem
+    actor, storage, cfg = make_actor(problem, tmp_path, lr=1e-2)
+    rng = np.random.default_rng(2)
+    for u in range(10):
+        actor.update(uniform_events(problem, rng, 16, u * 100))
+    assert actor.list_checkpoints()[-2:] == [5, 10]
+    with pytest.raises(ValueError, match="version: no checkpoint v7"):
+        actor.pin(7)
+    before = actor.promotion_status()
+    out = actor.pin(5)
+    assert out["pinned"] and out["source_version"] == 5
+    assert out["serving_version"] > max(before["candidate_version"], before["serving_version"])  # a NEW number
+    assert out["candidate_version"] > out["serving_version"]  # the candidate counts above the pinned number
+    ckpt = open_storage(storage).child("checkpoints")
+    pinned, _, manifest = load_checkpoint(ckpt, out["serving_version"])
+    source, _, _ = load_checkpoint(ckpt, 5)
+    assert manifest["pinned_from"] == 5 and manifest["promoted"] is True
+    for k, v in source.network.state_dict().items():
+        assert torch.equal(v, pinned.network.state_dict()[k]) and torch.equal(v, actor.serving.network.state_dict()[k])
+    # Promotions are held while pinned (no gate runs), training goes on.
+    for u in range(10, 20):
+        actor.update(uniform_events(problem, rng, 16, u * 100))
+    st = actor.promotion_status()
+    assert st["pinned"] and st["serving_version"] == out["serving_version"] and st["candidate_version"] == out["candidate_version"] + 10
+    assert not [h for h in st["history"] if h["action"] == "gate" and h["time"] > st["history"][-1]["time"]]
+
+    # A restart (a new actor on the same storage) keeps the pin and never counts backwards.
+    actor.checkpoint()
+    again = LearnerActor(cfg, storage, new_policy(data, enc_id).state(), parameter_server_name=None)
+    st2 = again.promotion_status()
+    assert st2["pinned"] and st2["serving_version"] == st["serving_version"]
+    assert st2["candidate_version"] >= st["candidate_version"]
+    back = again.unpin()
+    assert back["was_pinned"] and not back["pinned"]
+    for u in range(20, 40):
+        again.update(uniform_events(problem, rng, 16, u * 100))
+    st3 = again.promotion_status()
+    assert any(h["action"] == "gate" for h in st3["history"])  # the gate runs again
+    assert st3["serving_version"] >= st2["serving_version"] and st3["candidate_version"] > st2["candidate_version"]
+
+
+def test_gate_off_publishes_every_version_and_trains_on_everything(problem, tmp_path):
+    actor, _, _ = make_actor(problem, tmp_path, lr=1e-2, enabled=False)
+    rng = np.random.default_rng(3)
+    for u in range(6):
+        actor.update(uniform_events(problem, rng, 16, u * 100))
+    s = actor.status()
+    assert s["policy_version"] == s["candidate_version"] == 6 and s["events_trained"] == 96 and s["events_held_out"] == 0
+
+
+def test_parameter_server_recovers_only_served_weights_and_remembers_reserved_numbers(problem, tmp_path):
+    from banditroute.learner.checkpoint import save_checkpoint
+    from banditroute.learner.param_server import ParameterServer, ParameterServerState
+
+    data, _, enc_id = problem
+    storage = StorageConfig(uri=str(tmp_path / "storage"))
+    ckpt = open_storage(storage).child("checkpoints")
+    policy = new_policy(data, enc_id)
+    for version, promoted in ((3, True), (7, False)):
+        policy.meta.policy_version = version
+        save_checkpoint(ckpt, policy, extra={"promoted": promoted})
+    recovered = ParameterServer(storage, "checkpoints")
+    assert recovered.state.latest_version() == 3  # v7 was a held candidate: never served by recovery
+    state = ParameterServerState()
+    assert state.reserve_version(12) == -1 and state.reserved_version() == 12  # returns the newest PUBLISHED
+    assert state.reserve_version(5) == -1 and state.reserved_version() == 12  # never goes down

@@ -1,0 +1,211 @@
+"""Signed decision tokens, API keys, body limits: the pure functions, then the live app over HTTP."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import httpx
+import pytest
+
+from banditroute.config import ConfigError, from_dict
+from banditroute.feedback.http import FeedbackError, ack_to_http, parse_feedback_body
+from banditroute.security import (
+    Security,
+    SecurityConfig,
+    TokenError,
+    ensure_local_secret,
+    key_matches,
+    presented_key,
+    sign,
+    verify,
+)
+
+SECRET = "s" * 32
+OTHER = "o" * 32
+
+
+def kind_of(token, secrets=(SECRET,), now=1000.0) -> str:
+    with pytest.raises(TokenError) as info:
+        verify(token, list(secrets), now)
+    assert info.value.message
+    return info.value.kind
+
+
+def test_token_round_trip_binds_id_model_version_expiry():
+    token = sign("abc123", "big-model", 7, 2000.4, SECRET)
+    assert token.startswith("br1.") and all(c.isalnum() or c in "-_." for c in token)  # URL-safe, opaque
+    claims = verify(token, [SECRET], now=1000.0)
+    assert (claims.decision_id, claims.model, claims.policy_version, claims.expires_at) == ("abc123", "big-model", 7, 2001)
+    # rotation: a token signed with the previous secret still verifies while it is listed
+    assert verify(sign("x", "m", 1, 2000, OTHER), [SECRET, OTHER], 1000.0).decision_id == "x"
+
+
+def test_every_changed_character_is_rejected():
+    token = sign("abc123", "big-model", 7, 2000, SECRET)
+    for i in range(len(token)):
+        for c in "A_0.":
+            if c != token[i]:
+                changed = token[:i] + c + token[i + 1:]
+                assert kind_of(changed) in ("tampered", "malformed", "unsigned"), (i, c)
+    assert kind_of(token + "=") in ("tampered", "malformed")
+
+
+def test_unsigned_malformed_tampered_expired_wrong_secret():
+    assert kind_of(str(uuid.uuid4())) == "unsigned"
+    assert kind_of(None) == "unsigned" and kind_of(12) == "unsigned"
+    for bad in ("br1.", "br1..", "br1.a.b.c", "br1.é.x", "br1." + "A" * 5000 + ".x"):
+        assert kind_of(bad) == "malformed", bad
+    assert kind_of(sign("a", "m", 1, 2000, OTHER)) == "tampered"  # another server's secret
+    assert kind_of(sign("a", "m", 1, 999, SECRET)) == "expired"
+    assert kind_of(sign("a", "m", 1, 1000, SECRET)) == "expired"  # expiry is exclusive
+    # the signature is checked first: an expired token with a wrong MAC is "tampered"
+    assert kind_of(sign("a", "m", 1, 999, OTHER)) == "tampered"
+
+
+def test_api_keys_and_security_from_env():
+    assert presented_key("Bearer k1", None) == "k1" and presented_key("bearer   k1 ", None) == "k1"
+    assert presented_key("Basic xyz", "k2") == "k2" and presented_key(None, None) is None and presented_key("Bearer ", " ") is None
+    assert key_matches("k1", ("k0", "k1")) and not key_matches("k1x", ("k1",)) and not key_matches(None, ("k1",))
+    env = {"SECRET": f"{SECRET},{OTHER}", "RK": "r1, r2", "AK": "a1"}
+    sec = Security(SecurityConfig(token_secret_env="SECRET", route_api_keys_env="RK", admin_api_keys_env="AK"), env)
+    assert sec.check_key("route", "Bearer r2", None) is None and sec.check_key("route", None, "r1") is None
+    assert sec.check_key("route", None, None) == "missing_key" and sec.check_key("route", "Bearer r3", None) == "wrong_key"
+    assert sec.check_key("feedback", None, None) is None  # not configured: open
+    assert sec.check_key("admin", "Bearer a1", None) is None and sec.check_key("admin", None, "r1") == "wrong_key"
+    assert Security(SecurityConfig(token_secret_env="SECRET"), env).check_key("admin", "Bearer a1", None) == "disabled"
+    token = sec.token("raw-id", "m", 3, now=1000.0)
+    assert sec.verify(token, 1000.0 + 86_399).decision_id == "raw-id"
+    assert verify(token, [SECRET], 1000.0).model == "m"  # the FIRST secret signs
+
+    with pytest.raises(ValueError, match="security.token_secret_env"):
+        Security(SecurityConfig(token_secret_env="MISSING"), env)
+    with pytest.raises(ValueError, match="shorter"):
+        Security(SecurityConfig(token_secret_env="S"), {"S": "short"})
+    with pytest.raises(ValueError, match="security.feedback_api_keys_env"):
+        Security(SecurityConfig(token_secret_env="SECRET", feedback_api_keys_env="NOPE"), env)
+    trusted = Security(SecurityConfig(require_signed_tokens=False), {})
+    assert trusted.token("raw", "m", 1, 0.0) == "raw" and not trusted.signing
+
+    fresh: dict[str, str] = {}
+    assert ensure_local_secret(SecurityConfig(), fresh) and len(fresh["BANDITROUTE_TOKEN_SECRET"]) >= 32
+    assert not ensure_local_secret(SecurityConfig(), fresh)  # an existing secret is kept
+
+
+def test_config_validation_names_the_field():
+    for bad, name in (({"token_ttl_s": 0}, "security.token_ttl_s"), ({"max_body_bytes": 10}, "security.max_body_bytes"),
+                      ({"max_reward_cost_usd": -1}, "security.max_reward_cost_usd"), ({"route_api_keys_env": " "}, "security.route_api_keys_env")):
+        with pytest.raises(ValueError, match=name):
+            from_dict(SecurityConfig, bad)
+    with pytest.raises(ConfigError, match="security.nope"):
+        from banditroute.serve.config import RouterConfig
+
+        from_dict(RouterConfig, {"policy": "x", "security": {"nope": 1}})
+
+
+def test_reward_values_are_validated_and_replays_are_409():
+    assert parse_feedback_body({"decision_id": "d", "score": 1, "cost": 10}, max_cost_usd=10.0).cost == 10.0
+    for body, field in (({"decision_id": "d", "score": 1, "cost": 10.5}, "cost"), ({"decision_id": "d", "score": 10**400}, "score"),
+                        ({"decision_id": "d", "score": 0.5, "cost": 10**400}, "cost")):
+        with pytest.raises(FeedbackError) as info:
+            parse_feedback_body(body, max_cost_usd=10.0)
+        assert info.value.status == 422 and info.value.field == field
+    status, body, _ = ack_to_http({"status": "duplicate", "decision_id": "t"})
+    assert status == 409 and body["status"] == "duplicate" and body["error"]["field"] == "decision_id" and body["error"]["message"]
+
+
+# --- live, over HTTP ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secured(serve_http_port, tmp_path_factory):
+    from fuzzing import deploy_secured_app
+
+    app = deploy_secured_app(tmp_path_factory.mktemp("secured"), serve_http_port, "secured-test")
+    yield app
+    app["cleanup"]()
+
+
+def _client(base: str, key: str | None = None) -> httpx.Client:
+    return httpx.Client(base_url=base, timeout=30, trust_env=False, headers={"x-api-key": key} if key else {})
+
+
+@pytest.mark.ray
+def test_live_api_keys_body_limit_and_token_rejections(secured):
+    from fuzzing import KEYS, MAX_BODY_BYTES
+
+    base = secured["base"]
+    prompt = secured["data"].prompts[0]
+    with _client(base) as anon:
+        assert anon.get("/healthz").status_code == 200  # open
+        for method, path, body in (("POST", "/v1/route", {"prompt": prompt}), ("POST", "/v1/route/batch", {"prompts": [prompt]}),
+                                   ("POST", "/v1/chat/completions", {"model": "banditroute", "messages": []}), ("GET", "/v1/models", None),
+                                   ("POST", "/v1/feedback", {"decision_id": "x", "score": 1}), ("GET", "/v1/admin/security", None)):
+            r = anon.request(method, path, json=body)
+            assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer"), (path, r.text)
+            assert r.json()["error"]["field"] == "authorization" and "missing" in r.json()["error"]["message"]
+        # a key of another group is wrong for this one
+        r = anon.post("/v1/route", json={"prompt": prompt}, headers={"authorization": f"Bearer {KEYS['feedback']}"})
+        assert r.status_code == 401 and "not valid" in r.json()["error"]["message"]
+
+    with _client(base, KEYS["route"]) as client, _client(base, KEYS["feedback"]) as fb, _client(base, KEYS["admin"]) as admin:
+        before = admin.get("/v1/admin/security").json()["rejections"]
+        assert before.get("route_missing_key", 0) >= 4 and before.get("route_wrong_key", 0) >= 1
+
+        out = client.post("/v1/route", json={"prompt": prompt, "mode": "greedy"}).json()
+        token = out["decision_id"]
+        assert token.startswith("br1.") and verify(token, [os.environ["BANDITROUTE_TOKEN_SECRET"]], time.time()).model == out["model"]
+        assert client.get("/v1/models", headers={"authorization": "Bearer route-key-2"}).status_code == 200  # the second route key
+
+        # body limits: a declared Content-Length over the limit, and a chunked body without one
+        big = b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'
+        r = client.post("/v1/route", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+        r = client.post("/v1/route", content=iter([big[:40_000], big[40_000:]]), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+
+        secret = os.environ["BANDITROUTE_TOKEN_SECRET"]
+        head, mac = token.rsplit(".", 1)
+        cases = [
+            (str(uuid.uuid4()), 401, "token_unsigned"),
+            (head + "." + ("A" if mac[0] != "A" else "B") + mac[1:], 401, "token_tampered"),
+            (sign(uuid.uuid4().hex, "big-model", 0, time.time() + 60, "x" * 32), 401, "token_tampered"),
+            ("br1.not-a-token", 401, "token_malformed"),
+            (sign(uuid.uuid4().hex, "big-model", 0, time.time() - 1, secret), 410, "token_expired"),
+        ]
+        for bad, status, _ in cases:
+            r = fb.post("/v1/feedback", json={"decision_id": bad, "score": 0.5})
+            assert r.status_code == status and r.json()["error"]["field"] == "decision_id" and r.json()["error"]["message"], r.text
+        r = fb.post("/v1/feedback", json={"decision_id": token, "score": 0.5, "cost": 11.0})  # over max_reward_cost_usd
+        assert r.status_code == 422 and r.json()["error"]["field"] == "cost"
+
+        first = fb.post("/v1/feedback", json={"decision_id": token, "score": 0.5, "cost": 0.01})
+        assert first.status_code == 200 and first.json()["status"] == "accepted" and first.json()["decision_id"] == token, first.text
+        replay = fb.post("/v1/feedback", json={"decision_id": token, "score": 1.0})
+        assert replay.status_code == 409 and replay.json()["status"] == "duplicate" and replay.json()["error"]["field"] == "decision_id"
+
+        after = admin.get("/v1/admin/security").json()
+        counts = after["rejections"]
+        for reason, n in (("token_unsigned", 1), ("token_tampered", 2), ("token_malformed", 1), ("token_expired", 1),
+                          ("token_replayed", 1), ("body_too_large", 2)):
+            assert counts.get(reason, 0) - before.get(reason, 0) == n, (reason, counts, before)
+        assert after["api_keys"] == {"route": "2 key(s)", "feedback": "1 key(s)", "admin": "1 key(s)"} and after["signed_tokens"]
+
+
+@pytest.mark.ray
+def test_python_api_gives_signed_tokens(secured):
+    from ray import serve
+
+    from banditroute.serve.client import RouterClient
+
+    secret = [os.environ["BANDITROUTE_TOKEN_SECRET"]]
+    client = RouterClient(secured["app_name"])
+    out = client.route_sync(secured["data"].prompts[1], mode="greedy")
+    assert verify(out["decision_id"], secret, time.time()).model == out["model"]
+    import asyncio
+
+    batch = asyncio.run(client.route_batch(["a", "b", "c"]))
+    assert all(verify(b["decision_id"], secret, time.time()).model == b["model"] for b in batch)
+    handle_out = serve.get_app_handle(secured["app_name"]).handle_route.remote({"prompt": "via the ingress"}).result()
+    assert verify(handle_out["decision_id"], secret, time.time()).decision_id
