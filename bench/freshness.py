@@ -115,7 +115,7 @@ def main() -> int:
     }
     try:
         ps = get_or_create_parameter_server("fresh-ps", NAMESPACE, storage)
-        learner = get_or_create_learner_actor({"checkpoint_every": 0}, storage, policy.state(), name="fresh-learner",
+        learner = get_or_create_learner_actor({"checkpoint_every": 0, "promotion": {"enabled": False}}, storage, policy.state(), name="fresh-learner",
                                               parameter_server_name="fresh-ps")
         ray.get(learner.status.remote())
         feedback = get_or_create_feedback_actor({"learner_max_delay_s": args.learner_max_delay}, storage, "fresh-feedback",

@@ -130,7 +130,7 @@ def bench_throughput(args) -> dict:
     try:
         storage = StorageConfig(uri=str((root / "actors").resolve()))
         ps = get_or_create_parameter_server("bench-ps", NAMESPACE, storage)
-        la = get_or_create_learner_actor({"checkpoint_every": 0}, storage, policy.state(), name="bench-learner", parameter_server_name="bench-ps")
+        la = get_or_create_learner_actor({"checkpoint_every": 0, "promotion": {"enabled": False}}, storage, policy.state(), name="bench-learner", parameter_server_name="bench-ps")
         ray.get(la.status.remote())
         out["learner_actor"] = {}
         for batch in (32, 128):

@@ -12,12 +12,14 @@ Options (``decision_sink_options``):
   submitted (lower latency; decisions in flight can be lost with the actor).
 
 The Router calls it from a worker thread once per batch, so the blocking
-``ray.get`` is fine; errors propagate (the Router answers 503).
+``ray.get`` is fine. While the actor restarts, the send is retried (bounded
+by ``timeout_s``); after that, errors propagate (the Router answers 503).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Iterable
 
 import pyarrow as pa
@@ -56,18 +58,36 @@ class FeedbackActorSink:
             self.emit_table(decisions_to_table(records))
 
     def emit_table(self, table: pa.Table) -> None:
+        """Send a batch's decisions; retried while the actor restarts, within ``timeout_s`` in all.
+
+        A resend is safe: the feedback actor ignores decision ids it already
+        holds (also after a restart, which rebuilds them from its decision log).
+        """
         if table.num_rows == 0:
             return
         import ray
 
-        try:
-            ref = self._handle().record_decisions_table.remote(table)
-            if self.wait_durable:
-                ray.get(ref, timeout=self.timeout_s)
-        except Exception:
-            with self._lock:
-                self._actor = None  # find it again (it may have restarted)
-            raise
+        deadline = time.monotonic() + self.timeout_s
+        backoff = 0.05
+        while True:
+            try:
+                ref = self._handle().record_decisions_table.remote(table)
+                if self.wait_durable:
+                    ray.get(ref, timeout=max(0.001, deadline - time.monotonic()))
+                break
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError, ValueError) as exc:
+                # Restarting (unavailable), just died (a new incarnation is coming) or not registered yet
+                # (ValueError from get_actor): look it up again, until the deadline.
+                with self._lock:
+                    self._actor = None
+                if time.monotonic() + backoff >= deadline:
+                    raise RuntimeError(f"feedback actor {self.name!r} unavailable for {self.timeout_s:g}s: {exc}") from None
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 0.5)
+            except Exception:
+                with self._lock:
+                    self._actor = None  # find it again next time
+                raise
         self.rows_sent += table.num_rows
 
     def close(self) -> None:

@@ -110,7 +110,7 @@ class LearnerActor:
         # The serving policy: what the parameter server holds, unless a promoted checkpoint is newer.
         self.serving: RoutingPolicy | None = None
         """The weights replicas serve when the gate is on (None: the gate is off, the candidate is served)."""
-        self.serving_source: int | None = None
+        self.serving_source: int | str | None = None
         """For pinned weights: the checkpoint version they came from."""
         self.serving_trained_through = 0.0
         self.pinned = False
@@ -298,22 +298,40 @@ class LearnerActor:
         """Versions of the complete checkpoints in storage (ascending); [] without storage."""
         return [] if self.ckpt_storage is None else list_checkpoints(self.ckpt_storage)
 
-    def pin(self, version: int) -> dict[str, Any]:
-        """Serve the weights of checkpoint ``version`` (rollback) under a NEW version number; hold promotions.
+    def pin(self, version: int | None = None, checkpoint: str | None = None) -> dict[str, Any]:
+        """Serve checkpointed weights under a NEW version number (rollback, or an offline candidate); hold promotions.
 
-        ValueError (naming ``version``) when there is no such checkpoint or no storage.
+        ``version``: a checkpoint of this learner's storage. ``checkpoint``: a
+        BaRP checkpoint folder or storage URI elsewhere (e.g. a
+        `banditroute train-from-log` candidate under ``offline/``), read with
+        this learner's storage credentials. ValueError (naming the field) when
+        it does not exist, there is no storage, or its pool/encoder differ.
         """
         import ray
 
         with self._lock:
+            if (version is None) == (checkpoint is None):
+                raise ValueError("version: give exactly one of version or checkpoint")
             if self.ckpt_storage is None:
                 raise ValueError("version: this learner has no checkpoint storage to pin from")
             available = list_checkpoints(self.ckpt_storage)
-            if int(version) not in available:
-                raise ValueError(f"version: no checkpoint v{int(version)}; available: {available}")
-            policy, _, manifest = load_checkpoint(self.ckpt_storage, int(version))
-            if policy.models != self.learner.policy.models or policy.meta.embed_dim != self.learner.policy.meta.embed_dim:
-                raise ValueError(f"version: checkpoint v{int(version)} has another model pool or embedding size than the learner")
+            field = "version" if checkpoint is None else "checkpoint"
+            if checkpoint is None:
+                if int(version) not in available:
+                    raise ValueError(f"version: no checkpoint v{int(version)}; available: {available}")
+                policy, _, manifest = load_checkpoint(self.ckpt_storage, int(version))
+                source: int | str = int(version)
+            else:
+                from banditroute.cluster.online import load_barp_policy
+
+                try:
+                    policy = load_barp_policy(checkpoint, self.ckpt_storage.config, field="checkpoint")
+                except (OSError, KeyError) as exc:
+                    raise ValueError(f"checkpoint: cannot read {checkpoint}: {exc}") from None
+                manifest, source = {}, str(checkpoint)
+            if (policy.models != self.learner.policy.models or policy.meta.embed_dim != self.learner.policy.meta.embed_dim
+                    or policy.meta.encoder_id != self.learner.policy.meta.encoder_id):
+                raise ValueError(f"{field}: {source} has another model pool, encoder or embedding size than the learner")
             ps_latest = -1
             if self.param_server is not None:
                 ps_latest = int(ray.get(self.param_server.reserved_version.remote()))
@@ -322,7 +340,7 @@ class LearnerActor:
             # The candidate keeps its weights but counts above the pinned number (one number, one set of weights).
             self.learner.ensure_version_at_least(new_version + 1)
             self.serving = policy
-            self.serving_source = int(version)
+            self.serving_source = source
             self.serving_trained_through = float(manifest.get("trained_through", 0.0))
             self.pinned = True
             published = self._publish()
@@ -330,13 +348,13 @@ class LearnerActor:
             save_checkpoint(self.ckpt_storage, policy, extra=self._serving_manifest(), keep=self.config.keep_checkpoints,
                             protect=[new_version])
             self._serving_checkpointed = new_version
-            write_promotion_state(self.ckpt_storage, {"pinned": True, "source_version": int(version),
+            write_promotion_state(self.ckpt_storage, {"pinned": True, "source_version": source,
                                                       "serving_version": new_version, "at": time.time()})
-            record = {"action": "pin", "source_version": int(version), "serving_version": new_version,
+            record = {"action": "pin", "source_version": source, "serving_version": new_version,
                       "candidate_version": self.learner.policy_version, "published": published, "time": time.time()}
             self.gate_history.append(record)
-            logger.warning("pinned: serving checkpoint v%d as v%d; promotions held", int(version), new_version)
-            return {"pinned": True, "serving_version": new_version, "source_version": int(version),
+            logger.warning("pinned: serving checkpoint %s as v%d; promotions held", source, new_version)
+            return {"pinned": True, "serving_version": new_version, "source_version": source,
                     "candidate_version": self.learner.policy_version, "published": published}
 
     def unpin(self) -> dict[str, Any]:

@@ -9,9 +9,12 @@ baseline, entropy bonus) runs several passes over everything the log holds:
    stand-in for what the policy will see next;
 2. the starting policy (the newest online checkpoint, or ``--policy``) is
    trained for ``epochs`` passes over the rest, in shuffled batches;
-3. candidate and starting policy are evaluated off-policy on the held-out
-   events, in explore mode (the distribution replicas serve); the candidate
-   passes when its estimate is not below the start's by more than ``margin``.
+3. the candidate is compared with the SERVING policy (the newest promoted
+   checkpoint; the start when none is marked) on the held-out events by the
+   online promotion gate's own rule (learner/promotion.py: paired OPE of
+   the distributions replicas serve, promote iff the lower confidence bound
+   of V(candidate) - V(serving) >= -margin, with ``learner.promotion``'s
+   estimator, margin and confidence) -- one rule, online and offline.
 
 The candidate is written as a checkpoint under its own storage prefix
 (``offline/`` by default, never the online learner's ``checkpoints/``, so two
@@ -22,6 +25,7 @@ is a separate, explicit step (docs/deploy.md: pin it through the admin API).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -31,10 +35,8 @@ import numpy as np
 import pyarrow as pa
 
 from banditroute.learner.learner import LearnerConfig, OnlineLearner
-from banditroute.learner.ope import evaluate_policy
+from banditroute.learner.promotion import evaluate_candidate
 from banditroute.policy.barp import RoutingPolicy
-
-ESTIMATORS = ("ips", "snips", "dr")
 
 
 @dataclass
@@ -51,10 +53,6 @@ class OfflineRetrainConfig:
     """Events per learner update."""
     min_events: int = 100
     """Fewer usable events than this in the log is an error (nothing worth retraining on)."""
-    estimator: str = "snips"
-    """OPE estimator of the comparison: 'ips', 'snips' or 'dr'."""
-    margin: float = 0.0
-    """The candidate passes when its estimated reward >= the start's minus this margin."""
     out_prefix: str = "offline"
     """Storage prefix (under storage.uri) of the retrained checkpoints and reports."""
     seed: int = 0
@@ -67,15 +65,11 @@ class OfflineRetrainConfig:
             raise ValueError("holdout_fraction must be in (0, 1)")
         if self.epochs < 1 or self.batch_size < 1 or self.min_events < 1:
             raise ValueError("epochs, batch_size and min_events must be >= 1")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
-        if not (self.margin >= 0 and math.isfinite(self.margin)):
-            raise ValueError("margin must be >= 0")
         if not self.out_prefix or self.out_prefix.strip("/") in ("checkpoints", "events", "decisions"):
             raise ValueError("out_prefix must be a prefix of its own (not checkpoints/, events/ or decisions/)")
 
 
-def split_holdout(events: pa.Table, fraction: float) -> tuple[pa.Table, pa.Table]:
+def split_recent(events: pa.Table, fraction: float) -> tuple[pa.Table, pa.Table]:
     """(train, holdout): the holdout is the most recent ``fraction`` of events by reward time."""
     order = np.argsort(np.asarray(events.column("reward_time").to_numpy(zero_copy_only=False), dtype=np.float64), kind="stable")
     n_holdout = max(1, int(round(len(order) * fraction)))
@@ -90,12 +84,18 @@ def offline_learner_config(online: LearnerConfig) -> LearnerConfig:
     return cfg
 
 
-def train_offline(events: pa.Table, start: RoutingPolicy, learner: LearnerConfig, cfg: OfflineRetrainConfig) -> tuple[RoutingPolicy, dict[str, Any]]:
-    """Train a copy of ``start`` on the log; returns (candidate, report with the held-out comparison)."""
+def train_offline(
+    events: pa.Table,
+    start: RoutingPolicy,
+    learner: LearnerConfig,
+    cfg: OfflineRetrainConfig,
+    serving: RoutingPolicy | None = None,
+) -> tuple[RoutingPolicy, dict[str, Any]]:
+    """Train a copy of ``start`` on the log; returns (candidate, report with the gate's verdict vs ``serving``)."""
     cfg.validate()
     if len(events) < cfg.min_events:
         raise ValueError(f"the event log holds {len(events)} events in the window; min_events is {cfg.min_events}")
-    train, holdout = split_holdout(events, cfg.holdout_fraction)
+    train, holdout = split_recent(events, cfg.holdout_fraction)
     candidate = RoutingPolicy.from_state(start.state())
     candidate.meta.policy_version = start.policy_version
     trainer = OnlineLearner(candidate, offline_learner_config(learner))
@@ -110,11 +110,9 @@ def train_offline(events: pa.Table, start: RoutingPolicy, learner: LearnerConfig
                 losses.append(metrics["total_loss"])
     candidate = trainer.policy
     candidate.network.eval()
-    ope_start = evaluate_policy(holdout, start, modes=("explore",), seed=cfg.seed)
-    ope_candidate = evaluate_policy(holdout, candidate, modes=("explore",), seed=cfg.seed)
-    start_value = ope_start["modes"]["explore"]["estimates"][cfg.estimator]
-    candidate_value = ope_candidate["modes"]["explore"]["estimates"][cfg.estimator]
-    passed = candidate_value["value"] >= start_value["value"] - cfg.margin
+    serving = start if serving is None else serving
+    gate = dataclasses.replace(learner.promotion, enabled=True)  # offline, the check always runs
+    decision = evaluate_candidate(holdout, candidate, serving, gate)
     report = {
         "events": len(events),
         "train_events": len(train),
@@ -126,16 +124,10 @@ def train_offline(events: pa.Table, start: RoutingPolicy, learner: LearnerConfig
         "train_s": time.perf_counter() - began,
         "final_loss": losses[-1] if losses else None,
         "start_version": start.policy_version,
+        "serving_version": serving.policy_version,
         "candidate_version": candidate.policy_version,
-        "estimator": cfg.estimator,
-        "margin": cfg.margin,
-        "start_estimate": start_value,
-        "candidate_estimate": candidate_value,
-        "passed": bool(passed),
-        "reason": (
-            f"candidate {cfg.estimator} {candidate_value['value']:+.4f} vs start {start_value['value']:+.4f} "
-            f"on {ope_candidate['events_used']} held-out events: "
-            + ("not worse than the start by more than the margin" if passed else f"worse by more than margin {cfg.margin}")
-        ),
+        "gate": decision.as_dict(),
+        "passed": bool(decision.promote),
+        "reason": decision.reason,
     }
     return candidate, report

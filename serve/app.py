@@ -677,11 +677,17 @@ class RouterIngress:
 
     @api.post("/v1/admin/policy/pin")
     async def admin_pin(self, request: Request):
-        """``{"version": N}``: serve checkpoint vN's weights (rollback) under a new version; hold promotions."""
+        """``{"version": N}`` (a learner checkpoint: rollback) or ``{"checkpoint": "<URI>"}`` (e.g. an offline
+        train-from-log candidate): serve those weights under a new version; hold promotions until unpin."""
         async def call():
             body = await self._json(request)
-            if not isinstance(body, dict) or set(body) != {"version"}:
-                raise RequestError(422, "version", 'the body must be {"version": <checkpointed version>}')
+            if not isinstance(body, dict) or len(body) != 1 or not set(body) <= {"version", "checkpoint"}:
+                raise RequestError(422, "version", 'the body must be {"version": <checkpointed version>} or {"checkpoint": "<URI>"}')
+            if "checkpoint" in body:
+                location = body["checkpoint"]
+                if not isinstance(location, str) or not location.strip() or len(location) > 2048:
+                    raise RequestError(422, "checkpoint", "checkpoint must be a storage URI or folder of a BaRP checkpoint")
+                return await self._learner_call("pin", None, location)
             version = body["version"]
             if isinstance(version, bool) or not isinstance(version, int) or version < 0:
                 raise RequestError(422, "version", f"version must be a non-negative integer, got {version!r}")

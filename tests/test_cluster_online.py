@@ -118,6 +118,11 @@ def test_online_app_starts_the_loop_on_s3_and_resumes(serve_instance, tmp_path, 
             while client.get("/healthz").json()["policy_version"] != pinned["serving_version"] and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert client.get("/healthz").json()["policy_version"] == pinned["serving_version"]
+            # an offline candidate (any BaRP checkpoint URI, e.g. train-from-log's) is served the same way
+            offline = client.post("/v1/admin/policy/pin", json={"checkpoint": seed_uri}, headers=admin).json()
+            assert offline["source_version"] == seed_uri and offline["serving_version"] > pinned["serving_version"]
+            missing = client.post("/v1/admin/policy/pin", json={"checkpoint": seed_uri + "-nope"}, headers=admin)
+            assert missing.status_code == 422 and missing.json()["error"]["field"] == "checkpoint"
             assert client.post("/v1/admin/policy/unpin", headers=admin).json()["was_pinned"] is True
         newest = list_checkpoints(ckpt)[-1]
         serving = ray.get(learner.status.remote())["serving_version"]

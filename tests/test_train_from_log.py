@@ -11,7 +11,7 @@ import torch
 from banditroute.cli import main
 from banditroute.feedback.log import EventLog
 from banditroute.learner.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
-from banditroute.learner.offline import OfflineRetrainConfig, split_holdout, train_offline
+from banditroute.learner.offline import OfflineRetrainConfig, split_recent, train_offline
 from banditroute.learner.learner import LearnerConfig
 from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
 from banditroute.policy.encoders import EncoderConfig, make_encoder
@@ -62,7 +62,7 @@ def true_value(policy, emb, data, rows, w) -> float:
 
 
 def test_holdout_is_the_most_recent_events(logged):
-    train, holdout = split_holdout(logged["table"], 0.2)
+    train, holdout = split_recent(logged["table"], 0.2)
     assert len(holdout) == 600 and len(train) == 2400
     assert min(holdout.column("reward_time").to_pylist()) > max(train.column("reward_time").to_pylist())
 
@@ -75,7 +75,9 @@ def test_offline_training_improves_the_policy_and_the_check_sees_it(logged):
     assert report["events_trained"] == 4 * 2400  # the holdout was never trained on
     args = (logged["emb"], logged["data"], logged["rows"], logged["w"])
     assert true_value(candidate, *args) > true_value(start, *args) + 0.01
-    assert report["passed"] and report["candidate_estimate"]["value"] > report["start_estimate"]["value"]
+    gate = report["gate"]  # the online promotion gate's rule, on the most recent held-out events
+    assert report["passed"] and gate["promote"] and gate["candidate"]["value"] > gate["serving"]["value"]
+    assert gate["n_events"] == 600 and gate["serving_version"] == start.policy_version
     with pytest.raises(ValueError, match="min_events"):
         train_offline(logged["table"].slice(0, 50), start, LearnerConfig(), cfg)
 
@@ -98,7 +100,7 @@ def test_command_writes_candidate_and_report_to_storage(logged, tmp_path, capsys
 
 
 def test_command_errors_name_the_problem(tmp_path, capsys):
-    assert main(["train-from-log", "--set", f"storage.uri={tmp_path}", "--estimator", "best"]) == 2
-    assert "estimator" in capsys.readouterr().err
+    assert main(["train-from-log", "--set", f"storage.uri={tmp_path}", "--holdout-fraction", "1.5"]) == 2
+    assert "holdout_fraction" in capsys.readouterr().err
     assert main(["train-from-log", "--set", f"storage.uri={tmp_path}"]) == 2
     assert "--policy" in capsys.readouterr().err

@@ -2,8 +2,9 @@
 
 Reads the joined events under ``storage`` (the application config's, the
 same S3 prefix the online loop writes), trains the newest online checkpoint
-(or ``--policy``) for a few passes, compares it with its starting point on
-the most recent held-out events, and writes the candidate checkpoint plus a
+(or ``--policy``) for a few passes, compares it with the serving policy (the
+newest promoted checkpoint) on the most recent held-out events by the
+promotion gate's rule, and writes the candidate checkpoint plus a
 report under ``<storage>/<out_prefix>/<run>/``. With ``--address`` the work
 runs as a Ray task on that cluster (the k8s RayJob); otherwise in-process.
 Exit status: 0 when the candidate passed the held-out check, 3 when it did
@@ -47,21 +48,24 @@ def retrain(app: Any, retrain_cfg: Any, policy_location: str | None) -> dict[str
     """Read the log, train, check, write the candidate; returns the report (runs where it is called)."""
     from banditroute.cluster.online import load_barp_policy
     from banditroute.feedback.log import EventLog
-    from banditroute.learner.checkpoint import load_latest_checkpoint, save_checkpoint
+    from banditroute.learner.checkpoint import load_checkpoint, load_latest_checkpoint, newest_promoted_checkpoint, save_checkpoint
     from banditroute.learner.offline import train_offline
     from banditroute.storage import open_storage
 
     storage = open_storage(app.storage)
+    checkpoints = storage.child(app.learner.checkpoint_prefix)
     if policy_location:
         start = load_barp_policy(policy_location, app.storage, field="--policy")
     else:
-        found = load_latest_checkpoint(storage.child(app.learner.checkpoint_prefix))
+        found = load_latest_checkpoint(checkpoints)
         if found is None:
-            raise ValueError(f"--policy: no checkpoint under {storage.uri_for(app.learner.checkpoint_prefix)}; give one to start from")
+            raise ValueError(f"--policy: no checkpoint under {checkpoints.uri_for()}; give one to start from")
         start = found[0]
+    promoted = newest_promoted_checkpoint(checkpoints)
+    serving = load_checkpoint(checkpoints, promoted)[0] if promoted is not None else None
     since = time.time() - retrain_cfg.since_hours * 3600.0 if retrain_cfg.since_hours > 0 else None
     events = EventLog(storage).read_events(since=since)
-    candidate, report = train_offline(events, start, app.learner, retrain_cfg)
+    candidate, report = train_offline(events, start, app.learner, retrain_cfg, serving=serving)
     run = time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())
     out = storage.child(f"{retrain_cfg.out_prefix.strip('/')}/{run}")
     report["checkpoint"] = save_checkpoint(out, candidate, extra={"offline": True, "passed": report["passed"]})
