@@ -58,6 +58,9 @@ class DecisionRecord:
     """Hash of the prompt text (for audits and joins with upstream logs; the text is not kept)."""
     upstream_cost: float | None = None
     """Cost reported by the upstream when the router proxied the call (USD)."""
+    served_model: str | None = None
+    """Model that actually answered when it was not chosen_model (the upstream failed, the fallback answered); None = chosen_model.
+    Its outcome says nothing about chosen_model, so the learner and OPE skip such events."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +121,7 @@ DECISION_SCHEMA = pa.schema(
         ("encoder_id", pa.string()),
         ("prompt_sha256", pa.string()),
         ("upstream_cost", pa.float64()),
+        ("served_model", pa.string()),
     ]
 )
 
@@ -168,6 +172,14 @@ class EventBatch:
     """Offered models per event."""
     policy_versions: np.ndarray
     """(B,) version that decided."""
+    served_models: list[str | None] = field(default_factory=list)
+    """Model that answered instead of the chosen one (upstream fallback), else None; [] = none recorded."""
+
+    def fallback_served(self) -> np.ndarray:
+        """(B,) True where another model than the chosen one answered: the reward is not the chosen model's."""
+        if not self.served_models:
+            return np.zeros(len(self.chosen_models), dtype=bool)
+        return np.array([s is not None and s != c for s, c in zip(self.served_models, self.chosen_models)], dtype=bool)
 
     @classmethod
     def from_table(cls, table: pa.Table) -> "EventBatch":
@@ -183,6 +195,7 @@ class EventBatch:
             costs=table.column("cost").to_numpy().astype(np.float64),
             candidates=table.column("candidates").to_pylist(),
             policy_versions=table.column("policy_version").to_numpy().astype(np.int64),
+            served_models=table.column("served_model").to_pylist() if "served_model" in table.column_names else [],
         )
 
     @classmethod

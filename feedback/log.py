@@ -163,13 +163,28 @@ class EventLog:
         return total
 
 
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``'s column order and types; a nullable column it lacks (a part written
+    before that column existed, e.g. served_model) is all nulls."""
+    columns = []
+    for f in schema:
+        if f.name in table.column_names:
+            columns.append(table.column(f.name).cast(f.type))
+        elif f.nullable:
+            columns.append(pa.nulls(len(table), f.type))
+        else:
+            raise KeyError(f"log part lacks the required column {f.name!r}")
+    return pa.Table.from_arrays(columns, schema=schema) if columns else schema.empty_table()
+
+
 def read_parts(storage: Storage, keys: Iterable[str], schema: pa.Schema, columns: Sequence[str] | None = None) -> pa.Table:
     """Concatenate Parquet parts (cast to ``schema``); an empty table when there are none."""
     target = schema if columns is None else pa.schema([schema.field(c) for c in columns])
     tables = []
     for key in keys:
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(key)), columns=list(columns) if columns else None)
-        tables.append(table.select(target.names).cast(target))
+        part = pq.ParquetFile(pa.BufferReader(storage.read_bytes(key)))
+        present = set(part.schema_arrow.names)
+        tables.append(_conform(part.read(columns=[c for c in target.names if c in present]), target))
     if not tables:
         return target.empty_table()
     return pa.concat_tables(tables)
@@ -182,7 +197,7 @@ def read_event_log(location: str, endpoint_url: str | None = None) -> pa.Table:
     MinIO/moto. Used by `banditroute ope --events`.
     """
     if "://" not in location and os.path.isfile(location):
-        return pq.read_table(location).select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA)
+        return _conform(pq.read_table(location), EVENT_SCHEMA)
     if location.endswith(".parquet"):
         parent, name = location.rstrip("/").rsplit("/", 1)
         storage = open_storage(StorageConfig(uri=parent, endpoint_url=endpoint_url))

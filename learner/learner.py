@@ -223,6 +223,10 @@ def events_to_rows(
     keep = actions >= 0
     if (~keep).any():
         skipped["unknown_model"] = int((~keep).sum())
+    fallback = keep & batch.fallback_served()
+    if fallback.any():  # another model answered: its outcome is not the chosen model's reward
+        skipped["fallback_served"] = int(fallback.sum())
+        keep &= ~fallback
     rewards = reward(batch.scores, batch.costs, batch.w_cost, policy.tau)
     finite = (
         np.isfinite(rewards)

@@ -266,6 +266,7 @@ def prepare_logged_data(
     models = list(policy.models)
     index = {m: k for k, m in enumerate(models)}
     actions = np.array([index.get(m, -1) for m in batch.chosen_models], dtype=np.int64)
+    actions[batch.fallback_served()] = -1  # another model answered: no reward observed for the logged action
     if batch.embeddings.shape[1] != policy.meta.embed_dim:
         raise ValueError(f"logged embeddings have {batch.embeddings.shape[1]} dims, the policy expects {policy.meta.embed_dim}")
     rows = np.flatnonzero(actions >= 0)

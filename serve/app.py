@@ -201,12 +201,14 @@ class Router:
                         r.error = {"status": 503, "field": None, "message": f"decision log unavailable: {exc}"}
         return results
 
-    def _emit(self, results: list[RouteResult], upstream_costs: list[float | None] | None = None) -> None:
+    def _emit(self, results: list[RouteResult], upstream_costs: list[float | None] | None = None,
+              served_models: list[str | None] | None = None) -> None:
         if hasattr(self.sink, "emit_table"):
-            self.sink.emit_table(decisions_table(results, upstream_costs))
+            self.sink.emit_table(decisions_table(results, upstream_costs, served_models))
         else:
             costs = upstream_costs or [None] * len(results)
-            self.sink.emit([r.record(c) for r, c in zip(results, costs)])
+            served = served_models or [None] * len(results)
+            self.sink.emit([r.record(c, s) for r, c, s in zip(results, costs, served)])
 
     def _package(self, result: RouteResult, req: RouteRequest) -> dict[str, Any]:
         if not result.ok:
@@ -244,10 +246,11 @@ class Router:
             out.extend(await self._run_batch(reqs[start : start + size]))
         return out
 
-    async def log(self, results: list[RouteResult], upstream_costs: list[float | None]) -> None:
+    async def log(self, results: list[RouteResult], upstream_costs: list[float | None],
+                  served_models: list[str | None] | None = None) -> None:
         """Durably log decisions made with ``log=False`` (raises if the sink fails)."""
         if results:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._emit, results, upstream_costs)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._emit, results, upstream_costs, served_models)
 
     async def info(self) -> dict[str, Any]:
         self._start_poller()
@@ -846,16 +849,18 @@ class RouterIngress:
             w_cost=parse_preference(body.get("preference"), self.default_w_cost),
             candidates=parse_candidates(body.get("candidates"), pool),
             mode=parse_mode(body.get("mode"), self.cfg.default_mode),
-            log=stream,  # streams: logged now; non-stream: logged with the upstream's cost, before answering
+            log=False,  # logged once the upstream answered (with its cost and the model that served), before replying
         )
         out = await self._route_one(req)
         out = dict(out, response=self._signed(out["response"]))  # headers and the `banditroute` extension carry the token
         return await self._proxy(out["response"]["model"], forward, stream, decision=out)
 
-    async def _log_deferred(self, decision: dict[str, Any] | None, cost: float | None) -> None:
+    async def _log_deferred(self, decision: dict[str, Any] | None, cost: float | None, served: str | None = None) -> None:
+        """Log a routed chat's decision with the upstream's cost and, after a fallback, the model that served."""
         if decision is not None and "result" in decision:
+            served_model = served if served is not None and served != decision["result"].model else None
             try:
-                await self.router.log.remote([decision["result"]], [cost])
+                await self.router.log.remote([decision["result"]], [cost], [served_model])
             except Exception as exc:  # noqa: BLE001 - do not acknowledge a decision that may be lost
                 raise RequestError(503, None, f"decision log unavailable: {exc}") from None
 
@@ -885,10 +890,15 @@ class RouterIngress:
                 extension["fallback_from"] = model
         if not stream or status != 200:
             cost = _usage_cost(data) if status == 200 else None
-            await self._log_deferred(decision, cost)
+            await self._log_deferred(decision, cost, served)
             if isinstance(data, dict) and extension is not None:
                 data = dict(data, banditroute=extension)
             return JSONResponse(data, status_code=status, headers=headers)
+        try:
+            await self._log_deferred(decision, None, served)  # a stream's cost is unknown until its end
+        except RequestError:
+            await data.aclose()
+            raise
         return StreamingResponse(
             _relay_sse(data, extension), media_type="text/event-stream", headers=dict(headers, **{"cache-control": "no-cache"})
         )

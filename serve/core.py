@@ -106,7 +106,7 @@ class RouteResult:
             "w_cost": self.w_cost,
         }
 
-    def record(self, upstream_cost: float | None = None) -> DecisionRecord:
+    def record(self, upstream_cost: float | None = None, served_model: str | None = None) -> DecisionRecord:
         """The DecisionRecord the learner needs (embedding inline)."""
         emb = [] if self.embedding is None else self.embedding.astype(np.float32).tolist()
         return DecisionRecord(
@@ -123,6 +123,7 @@ class RouteResult:
             encoder_id=self.encoder_id,
             prompt_sha256=self.prompt_sha256,
             upstream_cost=upstream_cost,
+            served_model=served_model,
         )
 
 
@@ -142,7 +143,11 @@ def as_route_request(item: Any) -> RouteRequest:
     return RouteRequest(text=text, w_cost=float(w_cost), candidates=None if candidates is None else list(candidates), mode=mode)
 
 
-def decisions_table(results: Sequence[RouteResult], upstream_costs: Sequence[float | None] | None = None) -> pa.Table:
+def decisions_table(
+    results: Sequence[RouteResult],
+    upstream_costs: Sequence[float | None] | None = None,
+    served_models: Sequence[str | None] | None = None,
+) -> pa.Table:
     """Arrow table (records.DECISION_SCHEMA) of successful results, built columnar (no per-row dicts)."""
     rows = [r for r in results if r.ok]
     n = len(rows)
@@ -171,6 +176,7 @@ def decisions_table(results: Sequence[RouteResult], upstream_costs: Sequence[flo
         "upstream_cost": pa.array(
             list(upstream_costs) if upstream_costs is not None else [None] * n, pa.float64()
         ),
+        "served_model": pa.array(list(served_models) if served_models is not None else [None] * n, pa.string()),
     }
     return pa.Table.from_arrays([cols[f.name].cast(f.type) for f in DECISION_SCHEMA], schema=DECISION_SCHEMA)
 

@@ -147,3 +147,22 @@ def test_rl_module_entry_points(problem):
     assert torch.equal(greedy["actions"], greedy["probs"].argmax(-1)) and (greedy["action_prob"] == 1).all()
     assert train["action_dist_inputs"].requires_grad and train["vf_preds"].shape == (6,)
     assert set(module.get_state()) == set(policy.network.state_dict())
+
+
+def test_events_answered_by_a_fallback_model_are_not_credited_to_the_chosen_one():
+    from banditroute.learner.ope import prepare_logged_data
+    from banditroute.records import EventBatch
+
+    enc_cfg = EncoderConfig(name="hashing", dim=16)
+    meta = PolicyMeta(models=["a", "b"], tau=1.0, embed_dim=16, encoder=enc_cfg, encoder_id="",
+                      network=NetworkConfig(hidden_dim=8, preference_dim=4))
+    policy = RoutingPolicy(meta)
+    events = [
+        JoinedEvent(DecisionRecord(f"d{i}", 0.0, [0.1] * 16, 0.5, ["a", "b"], "a", 0.5, 0,
+                                   served_model=served), 1.0, 0.01, 1.0)
+        for i, served in enumerate([None, "a", "b", "b"])
+    ]
+    table = events_to_table(events)
+    rows = events_to_rows(table, policy)
+    assert len(rows) == 2 and rows.skipped == {"fallback_served": 2}
+    assert prepare_logged_data(EventBatch.from_table(table), policy).rows.tolist() == [0, 1]

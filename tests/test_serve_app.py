@@ -220,6 +220,12 @@ def test_upstream_failures_fallback_502_504(deployed):
         assert r.status_code == 200, r.text
         assert r.headers["x-banditroute-fallback-from"] == "small-model" and r.headers["x-banditroute-model"] == "big-model"
         assert r.json()["banditroute"]["fallback_from"] == "small-model" and r.json()["model"] == "upstream-big"
+        # the log says who answered, so the learner does not credit small-model with big-model's outcome
+        from banditroute.serve.decision_sinks import read_decision_log
+
+        logged = read_decision_log(deployed["log_dir"]).to_pylist()
+        row = next(d for d in logged if d["decision_id"] == raw_id(r.json()["banditroute"]["decision_id"]))
+        assert (row["chosen_model"], row["served_model"]) == ("small-model", "big-model")
         flaky.mode = "500"
         r = c.post("/v1/chat/completions", json={"model": "banditroute", "messages": messages, "candidates": ["small-model"]})
         assert r.status_code == 502 and "small-model" in r.json()["error"]["message"] and "big-model" in r.json()["error"]["message"]
