@@ -154,6 +154,12 @@ class AppConfig:
         for model, price in self.prices.items():
             if not (math.isfinite(price) and price >= 0):
                 raise ValueError(f"prices.{model}: must be a finite number >= 0 (USD per call), got {price!r}")
+        security, window = self.router.security, self.feedback.join.window_s
+        if security.require_signed_tokens and security.token_ttl_s < window:
+            raise ValueError(
+                f"router.security.token_ttl_s: {security.token_ttl_s:g}s is shorter than feedback.join.window_s "
+                f"({window:g}s): tokens would expire (410) while their reward window is still open"
+            )
         if self.start.mode == "cluster" and not (self.storage.is_s3 or self.storage.uri.startswith("file:///")):
             raise ValueError(
                 f"storage.uri: cluster mode needs shared storage (s3://bucket/prefix or an absolute file:// "

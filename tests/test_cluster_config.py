@@ -61,6 +61,8 @@ def test_example_config_loads():
         ({"prices": {"gpt-4": -1}}, "prices.gpt-4"),
         ({"prices": {"gpt-4": "cheap"}}, "prices.gpt-4"),
         ({"online": {"enabled": "sometimes"}}, "online.enabled"),
+        ({"router": {"policy": "p", "security": {"token_ttl_s": 60}}, "feedback": {"join": {"window_s": 300}}},
+         "router.security.token_ttl_s"),
         ({"online": {"actor_prefix": ""}}, "online.actor_prefix"),
     ],
 )
