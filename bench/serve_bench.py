@@ -89,10 +89,11 @@ def _start_server(args, tmp: str) -> tuple[str, object]:
     from banditroute.serve.app import build_app
     from banditroute.serve.config import load_router_config
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import free_port
+    import socket
 
-    port = free_port()
+    with socket.socket() as sock:  # a free loopback port for Serve's proxy
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     overrides = {
         "policy": str(Path(args.policy).resolve()),
         "port": port,
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", default="runs/bench_policy/policy")
     parser.add_argument("--data", default="../shared/data/routerbench/train.parquet")
+    parser.add_argument("--prompts", help="JSON list of prompt strings (instead of --data; e.g. on a GPU box without the data)")
     parser.add_argument("--max-prompts", type=int, default=512)
     parser.add_argument("--out", default="bench/results", help="JSON file, or a folder (then serve_cpu.json / serve_gpu.json in it)")
     parser.add_argument("--url", help="load-test this running server instead of starting one (no raw run)")
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ensure_package()
 
-    prompts = load_prompts(args.data, None, args.max_prompts)
+    prompts = load_prompts(args.data, args.prompts, args.max_prompts)
     result: dict = {
         "command": " ".join(["python"] + sys.argv),
         "n_prompts": len(prompts),

@@ -35,7 +35,7 @@ import yaml
 from banditroute.cluster.online import OnlineConfig, actor_names
 from banditroute.config import ConfigError, OverrideText, from_dict, set_dotted
 from banditroute.feedback.service import FeedbackConfig
-from banditroute.learner.learner import LearnerConfig
+from banditroute.learner.config import LearnerConfig
 from banditroute.serve.config import RouterConfig
 from banditroute.storage import StorageConfig
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from banditroute.feedback.service import FeedbackConfig
-from banditroute.learner.learner import LearnerConfig
+from banditroute.learner.config import LearnerConfig
 from banditroute.serve.config import RouterConfig
 from banditroute.storage import StorageConfig, open_storage
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from banditroute.feedback.service import FeedbackConfig
-from banditroute.learner.learner import LearnerConfig
+from banditroute.learner.config import LearnerConfig
 from banditroute.policy.barp import NetworkConfig
 from banditroute.storage import StorageConfig
 

@@ -970,7 +970,7 @@ def build_app(args: dict[str, Any] | RouterConfig | None = None) -> serve.Applic
     """
     from banditroute.cluster.online import OnlineConfig, actor_names, apply_prices, start_online_loop
     from banditroute.feedback.service import FeedbackConfig
-    from banditroute.learner.learner import LearnerConfig
+    from banditroute.learner.config import LearnerConfig
     from banditroute.storage import StorageConfig
 
     if isinstance(args, RouterConfig):

@@ -12,7 +12,7 @@ import torch
 from banditroute.config import ConfigError, from_dict
 from banditroute.learner.actor import LearnerActor
 from banditroute.learner.checkpoint import list_checkpoints, load_checkpoint, read_manifest
-from banditroute.learner.learner import LearnerConfig
+from banditroute.learner.config import LearnerConfig
 from banditroute.learner.ope import Estimate, paired_estimates
 from banditroute.learner.promotion import (
     HoldoutBuffer,

@@ -12,7 +12,7 @@ from banditroute.cli import main
 from banditroute.feedback.log import EventLog
 from banditroute.learner.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from banditroute.learner.offline import OfflineRetrainConfig, split_recent, train_offline
-from banditroute.learner.learner import LearnerConfig
+from banditroute.learner.config import LearnerConfig
 from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
 from banditroute.policy.encoders import EncoderConfig, make_encoder
 from banditroute.policy.reward import fit_tau, reward
