@@ -153,6 +153,8 @@ class Router:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-infer")
         self._poll_task: asyncio.Task | None = None
         self._rejected_version = -1
+        self.batches_run = 0
+        self.rows_decided = 0
         self.route.set_max_batch_size(self.cfg.max_batch_size)
         self.route.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
@@ -228,6 +230,8 @@ class Router:
             logger.exception("routing batch failed")
             return [{"error": {"status": 500, "field": None, "message": f"routing failed: {exc}"}, "replica_id": self.replica_id}] * len(reqs)
         self.m_batch.observe(len(reqs))
+        self.batches_run += 1
+        self.rows_decided += len(reqs)
         self.m_infer.observe((time.perf_counter() - start) * 1000.0)
         return [self._package(r, q) for r, q in zip(results, reqs)]
 
@@ -263,6 +267,8 @@ class Router:
             "default_w_cost": _default_w_cost(self.cfg),
             "default_mode": self.cfg.default_mode,
             "max_prompt_chars": self.cfg.max_prompt_chars,
+            "batches_run": self.batches_run,
+            "mean_batch_size": self.rows_decided / self.batches_run if self.batches_run else None,
         }
 
     # -- weights refresh --
@@ -719,6 +725,9 @@ class RouterIngress:
             "models": info["models"],
             "encoder_id": info["encoder_id"],
             "device": info["device"],
+            # of the Router replica that answered: how well @serve.batch groups single requests
+            "batches_run": info.get("batches_run"),
+            "mean_batch_size": info.get("mean_batch_size"),
         }
         return self._finish("healthz", start, JSONResponse(body))
 

@@ -284,6 +284,8 @@ def test_two_replicas_both_answer(deployed):
         if len(seen) >= 2:
             break
     assert len(seen) == 2, seen
+    health = httpx.get(deployed["base"] + "/healthz", timeout=30).json()  # the answering replica's batching
+    assert health["batches_run"] >= 1 and health["mean_batch_size"] >= 1.0
 
 
 def test_decisions_are_logged_before_the_answer(deployed):
