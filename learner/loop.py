@@ -606,7 +606,9 @@ def _run_on_ray(cfg: UpConfig, data, policy, storage: StorageConfig, out: Path, 
             "feedback_status": dict(state.feedback_status),
             "route_errors": state.route_errors,
             "last_error": state.last_error,
-            "learner": {k: final_status[k] for k in ("updates", "events_trained", "skipped", "publish_errors")},
+            "learner": {k: final_status.get(k) for k in ("updates", "events_trained", "events_held_out", "skipped",
+                                                         "publish_errors", "serving_version", "candidate_version")},
+            "promotion": _gate_summary(final_status.get("promotion") or {}),
             "feedback": {k: v for k, v in fb_stats.items() if k != "last_learner_metrics"},
             "traffic_share_final": state.share(state.window),
             "encoder": policy.meta.encoder.name,
@@ -625,6 +627,11 @@ def _run_on_ray(cfg: UpConfig, data, policy, storage: StorageConfig, out: Path, 
         print(f"done: {state.decisions} decisions, {state.rewards_acknowledged} rewards acknowledged, {events_in_log} events in the log, "
               f"policy v{summary['policy_version_start']} -> v{final_version}, replicas {sorted(set(replica_versions.values()))}; "
               f"running reward {summary['final_running_reward']}", flush=True)
+        gate = summary["promotion"]
+        if gate.get("enabled"):
+            print(f"promotion gate: candidate v{summary['learner']['candidate_version']}, serving v{final_version}; "
+                  f"{gate['promoted_recent']} of the last {gate['checks_recent']} checks promoted; last: {gate['last_reason']}",
+                  flush=True)
         print(out / "summary.json", flush=True)
         return summary
     finally:
@@ -663,6 +670,19 @@ async def _drive_with_progress(cfg, base_url, data, tau, pool, state, view, ps, 
         await driver
     if state.route_errors + state.feedback_errors and stop.is_set() and cfg.max_decisions and state.decisions < cfg.max_decisions:
         raise RuntimeError(f"too many failed requests ({state.route_errors} route, {state.feedback_errors} feedback); last: {state.last_error}")
+
+
+def _gate_summary(promotion: dict[str, Any]) -> dict[str, Any]:
+    """The promotion gate in the summary: on/off, how many checks promoted, the last decision's reason."""
+    gates = [r for r in promotion.get("history") or [] if r.get("action") == "gate"]
+    last = promotion.get("last_decision") or {}
+    return {
+        "enabled": promotion.get("enabled"),
+        "checks_recent": len(gates),
+        "promoted_recent": sum(bool(r.get("promote")) for r in gates),
+        "holdout_events": promotion.get("holdout_events"),
+        "last_reason": last.get("reason"),
+    }
 
 
 def _percentiles(values: list[float]) -> dict[str, float] | None:
