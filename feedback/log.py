@@ -27,7 +27,6 @@ only after the part holding it has been written.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import time
@@ -100,6 +99,10 @@ class EventLog:
     def part_key(self, prefix: str, now: float | None = None) -> str:
         """A fresh key for a part of stream ``prefix`` (what a spooled part will be called in the log)."""
         return self._part_key(prefix, time.time() if now is None else now)
+
+    def write_table(self, key: str, table: pa.Table) -> None:
+        """Write a part under a key from :meth:`part_key` (replaces an object of that key)."""
+        self.storage.write_parquet(key, table)
 
     def write_part(self, key: str, data: bytes) -> None:
         """Write an already-encoded Parquet part under ``key`` (replaces it: repeating a drain is harmless)."""

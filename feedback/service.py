@@ -252,36 +252,37 @@ class FeedbackService:
     # --- durable writes (run in a worker thread by the group committers) -----
 
     def _write_events(self, events: list[JoinedEvent]) -> str:
-        return self._durable(EVENTS_PREFIX, lambda: self.log.append_events(events), lambda: events_to_table(events))
+        return self._durable(EVENTS_PREFIX, events_to_table(events))
 
     def _write_decisions(self, decisions: list[DecisionRecord]) -> str:
-        return self._durable(DECISIONS_PREFIX, lambda: self.log.append_decisions(decisions), lambda: decisions_to_table(decisions))
+        return self._durable(DECISIONS_PREFIX, decisions_to_table(decisions))
 
     def _write_late(self, rewards: list[tuple[RewardRecord, str]]) -> str:
-        def table() -> pa.Table:
-            rows = [{"decision_id": r.decision_id, "score": float(r.score), "cost": r.cost, "time": float(r.time),
-                     "finished_as": why} for r, why in rewards]
-            return pa.Table.from_pylist(rows, schema=LATE_SCHEMA)
+        rows = [{"decision_id": r.decision_id, "score": float(r.score), "cost": r.cost, "time": float(r.time),
+                 "finished_as": why} for r, why in rewards]
+        return self._durable(LATE_PREFIX, pa.Table.from_pylist(rows, schema=LATE_SCHEMA))
 
-        return self._durable(LATE_PREFIX, lambda: self.log.append_late(rewards), table)
-
-    def _durable(self, prefix: str, append: Callable[[], str], table: Callable[[], pa.Table]) -> str:
+    def _durable(self, prefix: str, part: pa.Table) -> str:
         """Write one part to the log, or to the local spool while storage is unavailable; returns its log key.
 
         While parts wait in the spool, new parts queue behind them (no storage
         call per request during an outage; the drain keeps the log's order).
+        A write that failed may still have landed (the connection broke after
+        the object was stored), so the part is spooled under the SAME key: the
+        drain then replaces that object instead of adding a second copy.
         Raises SpoolFull when the spool has no room, other errors as they come.
         """
+        key = self.log.part_key(prefix)
         if self.spool is None:
-            return append()
+            self.log.write_table(key, part)
+            return key
         if not self.spool.active:
             try:
-                return append()
+                self.log.write_table(key, part)
+                return key
             except StorageUnavailable as exc:
                 self._note_storage_error(exc)
                 logger.warning("storage unavailable; spooling %s parts locally until it returns (%s)", prefix, exc)
-        part = table()
-        key = self.log.part_key(prefix)
         self.spool.put(key, table_to_parquet_bytes(part), part.num_rows)
         return key
 

@@ -208,3 +208,34 @@ def config_for_s3(storage_config) -> FeedbackConfig:
 
     return FeedbackConfig(send_to_learner=False, unknown_grace_s=0.0, spool_dir=tempfile.mkdtemp(prefix="spool-"),
                           spool_drain_interval_s=0.1)
+
+
+def test_a_write_that_failed_but_landed_is_not_duplicated_by_the_drain(tmp_path):
+    """The connection broke AFTER storage kept the part: the spooled copy has the same key and replaces it."""
+    import asyncio
+
+    from banditroute.feedback.log import EventLog
+    from banditroute.feedback.service import FeedbackConfig, FeedbackService
+    from banditroute.records import RewardRecord
+    from banditroute.storage import StorageUnavailable, open_storage
+
+    class LandsThenFails(EventLog):
+        fail_next = True
+
+        def write_table(self, key, table):
+            super().write_table(key, table)  # the object is stored ...
+            if key.startswith("events/") and self.fail_next:
+                self.fail_next = False
+                raise StorageUnavailable("connection reset after the upload")  # ... but the client saw an error
+
+    async def scenario():
+        log = LandsThenFails(open_storage(str(tmp_path / "log")))
+        svc = FeedbackService(FeedbackConfig(send_to_learner=False, spool_dir=str(tmp_path / "spool")), log)
+        await svc.record_decisions([decision("d1")])
+        ack = await svc.submit_reward(RewardRecord("d1", 1.0, 0.001))
+        assert ack["status"] == "accepted" and svc.spool.depth == 1
+        assert svc.drain_spool() == 1
+        await svc.stop()
+        return log.read_events(columns=["decision_id"]).column("decision_id").to_pylist()
+
+    assert asyncio.run(scenario()) == ["d1"]
