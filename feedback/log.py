@@ -149,8 +149,15 @@ class EventLog:
         keys = self.list_parts(prefix, since)
         return read_parts(self.storage, keys, schema, columns)
 
-    def read_events(self, since: float | None = None, columns: Sequence[str] | None = None) -> pa.Table:
-        return self.read(EVENTS_PREFIX, EVENT_SCHEMA, since, columns)
+    def read_events(self, since: float | None = None, columns: Sequence[str] | None = None, dedupe: bool = True) -> pa.Table:
+        """Joined events, oldest part first; with ``dedupe`` each decision id once (its first row).
+
+        Writes are at-least-once at the storage level (a write that failed may
+        have landed, and a client's retry writes again); the join makes the
+        first reward win, so readers keep the first row per decision id.
+        """
+        table = self.read(EVENTS_PREFIX, EVENT_SCHEMA, since, columns)
+        return first_per_decision(table) if dedupe else table
 
     def read_decisions(self, since: float | None = None, columns: Sequence[str] | None = None) -> pa.Table:
         return self.read(DECISIONS_PREFIX, DECISION_SCHEMA, since, columns)
@@ -164,6 +171,18 @@ class EventLog:
         for key in self.list_parts(prefix):
             total += pq.ParquetFile(pa.BufferReader(self.storage.read_bytes(key))).metadata.num_rows
         return total
+
+
+def first_per_decision(table: pa.Table) -> pa.Table:
+    """``table`` without repeated decision ids (the first row of each is kept; needs a decision_id column)."""
+    if "decision_id" not in table.column_names or table.num_rows < 2:
+        return table
+    seen: set[str] = set()
+    keep = []
+    for did in table.column("decision_id").to_pylist():
+        keep.append(did not in seen)
+        seen.add(did)
+    return table if all(keep) else table.filter(pa.array(keep))
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -200,15 +219,15 @@ def read_event_log(location: str, endpoint_url: str | None = None) -> pa.Table:
     MinIO/moto. Used by `banditroute ope --events`.
     """
     if "://" not in location and os.path.isfile(location):
-        return _conform(pq.read_table(location), EVENT_SCHEMA)
+        return first_per_decision(_conform(pq.read_table(location), EVENT_SCHEMA))
     if location.endswith(".parquet"):
         parent, name = location.rstrip("/").rsplit("/", 1)
         storage = open_storage(StorageConfig(uri=parent, endpoint_url=endpoint_url))
-        return read_parts(storage, [name], EVENT_SCHEMA)
+        return first_per_decision(read_parts(storage, [name], EVENT_SCHEMA))
     storage = open_storage(StorageConfig(uri=location, endpoint_url=endpoint_url))
     keys = [k for k in storage.list("") if k.endswith(".parquet")]
     events = [k for k in keys if k.startswith(EVENTS_PREFIX + "/")]
     keys = events or [k for k in keys if not k.startswith((DECISIONS_PREFIX + "/", LATE_PREFIX + "/"))]
     if not keys:
         raise FileNotFoundError(f"{location}: no Parquet event files found")
-    return read_parts(storage, sorted(keys, key=lambda k: (part_time(k) or 0.0, k)), EVENT_SCHEMA)
+    return first_per_decision(read_parts(storage, sorted(keys, key=lambda k: (part_time(k) or 0.0, k)), EVENT_SCHEMA))

@@ -219,7 +219,9 @@ def wait_until_done(traffic: Traffic, count: int, timeout_s: float = 60.0) -> No
 
 
 def log_counts(storage: StorageConfig) -> Counter:
-    return Counter(EventLog(open_storage(storage)).read_events(columns=["decision_id"]).column("decision_id").to_pylist())
+    # raw rows (no de-duplication by the reader): a reward written twice must show up here
+    rows = EventLog(open_storage(storage)).read_events(columns=["decision_id"], dedupe=False)
+    return Counter(rows.column("decision_id").to_pylist())
 
 
 def in_log(traffic: Traffic, counts: Counter) -> tuple[int, int]:

@@ -239,3 +239,16 @@ def test_a_write_that_failed_but_landed_is_not_duplicated_by_the_drain(tmp_path)
         return log.read_events(columns=["decision_id"]).column("decision_id").to_pylist()
 
     assert asyncio.run(scenario()) == ["d1"]
+
+
+def test_readers_keep_the_first_row_per_decision(tmp_path):
+    """Storage writes are at-least-once; readers see each decision once (the first reward, as the join decided)."""
+    from banditroute.records import JoinedEvent
+
+    log = EventLog(open_storage(str(tmp_path)))
+    first, again = JoinedEvent(decision("d1"), 1.0, 0.001, 1.0), JoinedEvent(decision("d1"), 0.0, 0.002, 2.0)
+    log.append_events([first, JoinedEvent(decision("d2"), 0.5, 0.001, 1.5)])
+    log.append_events([again])
+    assert log.read_events(dedupe=False).column("decision_id").to_pylist() == ["d1", "d2", "d1"]
+    table = log.read_events()
+    assert table.column("decision_id").to_pylist() == ["d1", "d2"] and table.column("score").to_pylist() == [1.0, 0.5]
