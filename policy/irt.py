@@ -448,6 +448,39 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 25) -> np.ndarray:
 QUIZ_STRATEGIES = ("stratified", "information", "random")
 
 
+def greedy_information_picks(
+    a: np.ndarray,
+    c: np.ndarray,
+    inv: np.ndarray,
+    available: np.ndarray,
+    used_cluster: np.ndarray,
+    labels: np.ndarray,
+    take: int,
+) -> tuple[list[int], np.ndarray]:
+    """``take`` greedy D-optimal picks among the ``available`` prompts.
+
+    Each pick maximises ``c_j * a_j' inv a_j`` (information gain under the
+    current posterior covariance ``inv``) among available prompts of a
+    cluster not used yet (any available prompt once every cluster is used),
+    then updates ``inv`` by Sherman-Morrison. ``available`` and
+    ``used_cluster`` are updated in place; returns (picks, new inv).
+    """
+    picks: list[int] = []
+    for _ in range(take):
+        gain = c * np.einsum("nd,de,ne->n", a, inv, a)
+        allowed = available & ~used_cluster[labels]
+        if not allowed.any():  # fewer non-empty clusters than picks
+            allowed = available
+        gain[~allowed] = -np.inf
+        j = int(np.argmax(gain))
+        picks.append(j)
+        available[j] = False
+        used_cluster[labels[j]] = True
+        u = inv @ a[j]
+        inv = inv - np.outer(u, u) * c[j] / (1.0 + c[j] * a[j] @ u)
+    return picks, inv
+
+
 def select_quiz(
     item_maps: ItemMaps,
     embeddings: np.ndarray,
@@ -498,19 +531,7 @@ def select_quiz(
     used_cluster = np.zeros(labels.max() + 1, dtype=bool)
     inv = np.eye(d) * prior_std**2  # Lambda^-1
     available = np.ones(len(pool), dtype=bool)
-    chosen: list[int] = []
-    for _ in range(n):
-        gain = c * np.einsum("nd,de,ne->n", a, inv, a)
-        allowed = available & (~used_cluster[labels] if strategy == "stratified" else True)
-        if not allowed.any():  # fewer non-empty clusters than picks
-            allowed = available
-        gain[~allowed] = -np.inf
-        j = int(np.argmax(gain))
-        chosen.append(j)
-        available[j] = False
-        used_cluster[labels[j]] = True
-        u = inv @ a[j]
-        inv = inv - np.outer(u, u) * c[j] / (1.0 + c[j] * a[j] @ u)
+    chosen, _ = greedy_information_picks(a, c, inv, available, used_cluster, labels, n)
     return pool[np.asarray(chosen, dtype=np.int64)]
 
 
@@ -564,19 +585,7 @@ def select_quiz_adaptive(
     inv = np.diag(sigma**2)
     while len(chosen) < n:
         take = first if not chosen else min(batch, n - len(chosen))
-        picks = []
-        for _ in range(take):
-            gain = c * np.einsum("nd,de,ne->n", a, inv, a)
-            allowed = available & ~used_cluster[labels]
-            if not allowed.any():
-                allowed = available
-            gain[~allowed] = -np.inf
-            j = int(np.argmax(gain))
-            picks.append(j)
-            available[j] = False
-            used_cluster[labels[j]] = True
-            u = inv @ a[j]
-            inv = inv - np.outer(u, u) * c[j] / (1.0 + c[j] * a[j] @ u)
+        picks, inv = greedy_information_picks(a, c, inv, available, used_cluster, labels, take)
         got = np.asarray(answer(np.asarray(picks, dtype=np.int64)), dtype=np.float32).reshape(-1)
         if len(got) != len(picks):
             raise ValueError(f"answer() returned {len(got)} scores for {len(picks)} prompts")
