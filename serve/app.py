@@ -567,33 +567,33 @@ class RouterIngress:
 
     # -- HTTP --
 
+    async def _endpoint(self, request: Request, endpoint: str, handle, retry_after_on_503: bool = False):
+        """What every JSON endpoint does around its handler: the API key check, then ``handle()``
+        (a coroutine returning the Response); a RequestError becomes its status, anything else a
+        JSON 503 (e.g. no Router replica reachable), never a bare 500; metrics either way."""
+        start = time.perf_counter()
+        if (denied := self._authorize(request, endpoint)) is not None:
+            return self._finish(endpoint, start, denied)
+        try:
+            response = await handle()
+        except RequestError as exc:
+            headers = {"Retry-After": "1"} if retry_after_on_503 and exc.status == 503 else None
+            response = JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+        except Exception as exc:  # noqa: BLE001 - never a bare 500
+            response = self._unavailable(exc)
+        return self._finish(endpoint, start, response)
+
     @api.post("/v1/route")
     async def http_route(self, request: Request):
-        start = time.perf_counter()
-        if (denied := self._authorize(request, "route")) is not None:
-            return self._finish("route", start, denied)
-        try:
-            body = await self._json(request)
-            response = JSONResponse(await self.handle_route(body))
-        except RequestError as exc:
-            response = JSONResponse(exc.to_json(), status_code=exc.status)
-        except Exception as exc:  # noqa: BLE001 - e.g. no Router replica reachable: a JSON 503, not a bare 500
-            response = self._unavailable(exc)
-        return self._finish("route", start, response)
+        async def handle():
+            return JSONResponse(await self.handle_route(await self._json(request)))
+        return await self._endpoint(request, "route", handle)
 
     @api.post("/v1/route/batch")
     async def http_route_batch(self, request: Request):
-        start = time.perf_counter()
-        if (denied := self._authorize(request, "route_batch")) is not None:
-            return self._finish("route_batch", start, denied)
-        try:
-            body = await self._json(request)
-            response = JSONResponse(await self.handle_route_batch(body))
-        except RequestError as exc:
-            response = JSONResponse(exc.to_json(), status_code=exc.status)
-        except Exception as exc:  # noqa: BLE001 - e.g. no Router replica reachable: a JSON 503, not a bare 500
-            response = self._unavailable(exc)
-        return self._finish("route_batch", start, response)
+        async def handle():
+            return JSONResponse(await self.handle_route_batch(await self._json(request)))
+        return await self._endpoint(request, "route_batch", handle)
 
     # --- BEGIN feedback route (issue 4; handler logic lives in banditroute/feedback/http.py) ---
     @api.post("/v1/feedback")
@@ -664,17 +664,9 @@ class RouterIngress:
             raise RequestError(503, None, f"the learner actor is unavailable: {type(exc).__name__}; retry") from None
 
     async def _admin(self, request: Request, call) -> JSONResponse:
-        start = time.perf_counter()
-        if (denied := self._authorize(request, "admin")) is not None:
-            return self._finish("admin", start, denied)
-        try:
-            response = JSONResponse(await call())
-        except RequestError as exc:
-            headers = {"Retry-After": "1"} if exc.status == 503 else None
-            response = JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
-        except Exception as exc:  # noqa: BLE001 - never a bare 500 from the admin API
-            response = self._unavailable(exc)
-        return self._finish("admin", start, response)
+        async def handle():
+            return JSONResponse(await call())
+        return await self._endpoint(request, "admin", handle, retry_after_on_503=True)
 
     @api.get("/v1/admin/policy")
     async def admin_policy(self, request: Request):
@@ -825,16 +817,9 @@ class RouterIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        start = time.perf_counter()
-        if (denied := self._authorize(request, "chat_completions")) is not None:
-            return self._finish("chat_completions", start, denied)
-        try:
-            response = await self._chat(await self._json(request))
-        except RequestError as exc:
-            response = JSONResponse(exc.to_json(), status_code=exc.status)
-        except Exception as exc:  # noqa: BLE001
-            response = self._unavailable(exc)
-        return self._finish("chat_completions", start, response)
+        async def handle():
+            return await self._chat(await self._json(request))
+        return await self._endpoint(request, "chat_completions", handle)
 
     async def _chat(self, body: Any):
         if not isinstance(body, dict):
