@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,9 +35,6 @@ from banditroute.serve.config import RouterConfig
 from banditroute.storage import StorageConfig, open_storage
 
 logger = logging.getLogger(__name__)
-
-POLICY_FILES = ("policy.pt", "meta.json")
-
 
 @dataclass
 class OnlineConfig:
@@ -66,41 +62,11 @@ def actor_names(prefix: str) -> dict[str, str]:
     return {"feedback": f"{prefix}-feedback", "learner": f"{prefix}-learner", "parameter_server": f"{prefix}-parameter-server"}
 
 
-def fetch_policy_folder(location: str, storage: StorageConfig | None, into: Path, field: str = "online.initial_policy") -> Path:
-    """A local folder holding the checkpoint at ``location`` (downloaded when it is a storage URI).
-
-    A storage URI is read with ``storage``'s endpoint and credentials (same bucket, same access).
-    """
-    local = location[len("file://"):] if location.startswith("file://") else location
-    if "://" not in local:
-        path = Path(local).expanduser()
-        if not (path / "meta.json").exists():
-            raise ValueError(f"{field}: {location} is not a policy checkpoint folder (no meta.json)")
-        return path
-    cfg = copy.copy(storage) if storage is not None else StorageConfig()
-    cfg.uri = location.rstrip("/")
-    source = open_storage(cfg)
-    for name in POLICY_FILES:
-        (into / name).write_bytes(source.read_bytes(name))
-    return into
-
-
-def load_barp_policy(location: str, storage: StorageConfig | None, field: str = "online.initial_policy"):
-    """The BaRP RoutingPolicy at ``location`` (folder or storage URI); errors name ``field``."""
-    from banditroute.policy.barp import RoutingPolicy
-    from banditroute.policy.checkpoint import checkpoint_kind
-
-    with tempfile.TemporaryDirectory(prefix="banditroute-seed-") as tmp:
-        folder = fetch_policy_folder(location, storage, Path(tmp), field)
-        kind = checkpoint_kind(folder)
-        if kind != "barp":
-            raise ValueError(f"{field}: the learner trains BaRP policies; {location} is {kind!r}")
-        return RoutingPolicy.load(folder)
-
-
 def initial_policy_state(location: str, storage: StorageConfig | None) -> dict[str, Any]:
     """``RoutingPolicy.state()`` of the BaRP checkpoint at ``location``."""
-    return load_barp_policy(location, storage).state()
+    from banditroute.policy.checkpoint import load_barp_policy
+
+    return load_barp_policy(location, storage, field="online.initial_policy").state()
 
 
 def has_checkpoint(storage: StorageConfig, learner: LearnerConfig) -> bool:

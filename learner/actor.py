@@ -322,7 +322,7 @@ class LearnerActor:
                 policy, _, manifest = load_checkpoint(self.ckpt_storage, int(version))
                 source: int | str = int(version)
             else:
-                from banditroute.cluster.online import load_barp_policy
+                from banditroute.policy.checkpoint import load_barp_policy
 
                 try:
                     policy = load_barp_policy(checkpoint, self.ckpt_storage.config, field="checkpoint")

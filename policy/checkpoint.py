@@ -9,8 +9,10 @@ the model registry. Both expose the same serving interface.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,3 +60,38 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", **k
     """
     path = Path(os.path.expanduser(str(path)))
     return POLICY_KINDS[checkpoint_kind(path)](path, device, **kwargs)
+
+
+def fetch_policy_folder(location: str, storage: Any, into: Path, field: str = "policy") -> Path:
+    """A local folder holding the checkpoint at ``location`` (downloaded into ``into`` when it is a storage URI).
+
+    A storage URI is read with ``storage``'s endpoint and credentials (a
+    StorageConfig: same bucket, same access); errors name ``field``.
+    """
+    from banditroute.policy.barp import WEIGHTS_FILE
+    from banditroute.storage import StorageConfig, open_storage
+
+    local = location[len("file://"):] if location.startswith("file://") else location
+    if "://" not in local:
+        path = Path(local).expanduser()
+        if not (path / META_FILE).exists():
+            raise ValueError(f"{field}: {location} is not a policy checkpoint folder (no {META_FILE})")
+        return path
+    cfg = copy.copy(storage) if storage is not None else StorageConfig()
+    cfg.uri = location.rstrip("/")
+    source = open_storage(cfg)
+    for name in (WEIGHTS_FILE, META_FILE):
+        (into / name).write_bytes(source.read_bytes(name))
+    return into
+
+
+def load_barp_policy(location: str, storage: Any = None, field: str = "policy"):
+    """The BaRP RoutingPolicy at ``location`` (folder or storage URI, read with ``storage``'s access); errors name ``field``."""
+    from banditroute.policy.barp import RoutingPolicy
+
+    with tempfile.TemporaryDirectory(prefix="banditroute-policy-") as tmp:
+        folder = fetch_policy_folder(location, storage, Path(tmp), field)
+        kind = checkpoint_kind(folder)
+        if kind != "barp":
+            raise ValueError(f"{field}: a BaRP policy is needed here; {location} is {kind!r}")
+        return RoutingPolicy.load(folder)

@@ -13,7 +13,8 @@ import uuid
 import httpx
 import pytest
 
-from banditroute.cluster.online import OnlineConfig, actor_names, fetch_policy_folder
+from banditroute.cluster.online import OnlineConfig, actor_names
+from banditroute.policy.checkpoint import fetch_policy_folder
 from banditroute.feedback.log import EventLog
 from banditroute.learner.checkpoint import list_checkpoints
 from banditroute.storage import open_storage
@@ -30,7 +31,7 @@ def _upload_policy(folder, storage_config, key_prefix: str) -> str:
 
 def test_fetch_policy_folder_rejects_a_folder_without_meta(tmp_path):
     with pytest.raises(ValueError, match="online.initial_policy"):
-        fetch_policy_folder(str(tmp_path), None, tmp_path)
+        fetch_policy_folder(str(tmp_path), None, tmp_path, field="online.initial_policy")
 
 
 def test_build_app_without_a_starting_point_names_initial_policy(ray_cluster, tmp_path):

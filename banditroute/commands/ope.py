@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_policy(location: str, endpoint_url: str | None = None):
-    """A RoutingPolicy from a local checkpoint folder or an s3:// one."""
-    from banditroute.policy.barp import META_FILE, WEIGHTS_FILE, RoutingPolicy
+    """A RoutingPolicy from a local checkpoint folder or a storage URI (s3://, with ``endpoint_url`` for MinIO/moto)."""
+    from banditroute.policy.checkpoint import load_barp_policy
+    from banditroute.storage import StorageConfig
 
-    if "://" not in location or location.startswith("file://"):
-        return RoutingPolicy.load(location.removeprefix("file://"))
-    from banditroute.storage import StorageConfig, open_storage
-
-    storage = open_storage(StorageConfig(uri=location, endpoint_url=endpoint_url))
-    with tempfile.TemporaryDirectory(prefix="banditroute-ope-") as tmp:
-        for name in (WEIGHTS_FILE, META_FILE):
-            (Path(tmp) / name).write_bytes(storage.read_bytes(name))
-        return RoutingPolicy.load(tmp)
+    return load_barp_policy(location, StorageConfig(endpoint_url=endpoint_url), field="--policy")
 
 
 def _parse_grid(text: str | None) -> list[float | None]:

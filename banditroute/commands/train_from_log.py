@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def retrain(app: Any, retrain_cfg: Any, policy_location: str | None) -> dict[str, Any]:
     """Read the log, train, check, write the candidate; returns the report (runs where it is called)."""
-    from banditroute.cluster.online import load_barp_policy
+    from banditroute.policy.checkpoint import load_barp_policy
     from banditroute.feedback.log import EventLog
     from banditroute.learner.checkpoint import load_checkpoint, load_latest_checkpoint, newest_promoted_checkpoint, save_checkpoint
     from banditroute.learner.offline import train_offline
