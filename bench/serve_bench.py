@@ -89,11 +89,9 @@ def _start_server(args, tmp: str) -> tuple[str, object]:
     from banditroute.serve.app import build_app
     from banditroute.serve.config import load_router_config
 
-    import socket
+    from banditroute.learner.loop import free_port
 
-    with socket.socket() as sock:  # a free loopback port for Serve's proxy
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     overrides = {
         "policy": str(Path(args.policy).resolve()),
         "port": port,

@@ -24,7 +24,6 @@ value of the wrong type fails at load time with the dotted field name.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,9 +150,9 @@ class AppConfig:
     """Expected USD cost of one call per pool model (model -> USD/call): feedback's default cost, identity registries."""
 
     def validate(self) -> None:
-        for model, price in self.prices.items():
-            if not (math.isfinite(price) and price >= 0):
-                raise ValueError(f"prices.{model}: must be a finite number >= 0 (USD per call), got {price!r}")
+        from banditroute.policy.model_registry import check_prices
+
+        check_prices(self.prices)
         security, window = self.router.security, self.feedback.join.window_s
         if security.require_signed_tokens and security.token_ttl_s < window:
             raise ValueError(

@@ -64,9 +64,9 @@ class JoinConfig:
             raise ValueError("join.remember_s must be >= 0")
         if self.max_pending < 1 or self.max_remembered < 1:
             raise ValueError("join.max_pending and join.max_remembered must be >= 1")
-        for model, price in self.prices.items():
-            if isinstance(price, bool) or not isinstance(price, (int, float)) or not (math.isfinite(price) and price >= 0):
-                raise ValueError(f"join.prices.{model} must be a finite number >= 0 (USD per call)")
+        from banditroute.policy.model_registry import check_prices
+
+        check_prices(self.prices, "join.prices")
 
     def default_cost(self, decision: DecisionRecord) -> float:
         """Cost of a decision whose reward names none: the upstream's report, else the model's price, else 0."""

@@ -122,8 +122,9 @@ class UpConfig:
 
     @property
     def names(self) -> dict[str, str]:
-        p = self.actor_prefix
-        return {"feedback": f"{p}-feedback", "learner": f"{p}-learner", "parameter_server": f"{p}-parameter-server"}
+        from banditroute.cluster.online import actor_names
+
+        return actor_names(self.actor_prefix)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

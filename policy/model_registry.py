@@ -76,6 +76,19 @@ def validate_price(name: str, price: Any) -> float:
     return value
 
 
+def check_prices(prices: Mapping[str, Any], prefix: str = "prices") -> dict[str, float]:
+    """A config's ``{model: USD per call}``: numbers only (no text), finite, >= 0; ValueError naming ``<prefix>.<model>``."""
+    out: dict[str, float] = {}
+    for name, price in prices.items():
+        try:
+            if isinstance(price, bool) or not isinstance(price, (int, float)):
+                raise RegistryError("not a number")
+            out[str(name)] = validate_price(str(name), price)
+        except RegistryError:
+            raise ValueError(f"{prefix}.{name}: must be a finite number >= 0 (USD per call), got {price!r}") from None
+    return out
+
+
 def validate_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise RegistryError(f"model name must be a non-empty string, got {name!r}")

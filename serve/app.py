@@ -941,11 +941,9 @@ def _section_arg(args: dict[str, Any], name: str, cls: type) -> Any:
 
 
 def _prices_arg(args: dict[str, Any]) -> dict[str, float]:
-    prices = _section_arg(args, "prices", dict) or {}
-    for model, price in prices.items():
-        if isinstance(price, bool) or not isinstance(price, (int, float)) or not (price >= 0 and price != float("inf")):
-            raise ValueError(f"prices.{model}: must be a finite number >= 0 (USD per call), got {price!r}")
-    return {str(k): float(v) for k, v in prices.items()}
+    from banditroute.policy.model_registry import check_prices
+
+    return check_prices(_section_arg(args, "prices", dict) or {})
 
 
 def build_app(args: dict[str, Any] | RouterConfig | None = None) -> serve.Application:
