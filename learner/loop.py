@@ -262,21 +262,19 @@ async def drive_traffic(
                 if send_candidates:
                     body["candidates"] = candidates
                 t0 = time.perf_counter()
+                error = None
                 try:
                     resp = await client.post("/v1/route", json=body)
                     decision = resp.json()
                 except (httpx.HTTPError, ValueError) as exc:
+                    error = f"route: {type(exc).__name__}: {exc}"
+                else:
+                    if resp.status_code != 200:
+                        error = f"route: HTTP {resp.status_code}: {resp.text[:200]}"
+                if error is not None:
                     state.claimed -= 1
                     state.route_errors += 1
-                    state.last_error = f"route: {type(exc).__name__}: {exc}"
-                    await asyncio.sleep(0.1)
-                    if too_many_errors():
-                        stop.set()
-                    continue
-                if resp.status_code != 200:
-                    state.claimed -= 1
-                    state.route_errors += 1
-                    state.last_error = f"route: HTTP {resp.status_code}: {resp.text[:200]}"
+                    state.last_error = error
                     await asyncio.sleep(0.1)
                     if too_many_errors():
                         stop.set()
