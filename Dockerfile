@@ -34,6 +34,6 @@ COPY --chown=ray:users . .
 RUN python -c "import torch" 2>/dev/null \
     || pip install "torch>=2.2" --index-url "${TORCH_INDEX_URL}"
 RUN pip install . \
-    && python -c "import banditroute, ray, torch; print('banditroute', banditroute.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"
+    && python -c "import importlib.metadata as m, banditroute.cli, ray, torch; print('banditroute', m.version('banditroute'), 'ray', ray.__version__, 'torch', torch.__version__)"
 
 WORKDIR /home/ray

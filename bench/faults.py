@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # one copy of the scenario code: tests/fault_scenarios.py
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -45,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    import fault_scenarios as fs
-    from s3server import S3_TEST_ENV, S3Proxy, acquire_server, release_server
+    from banditroute.testkit import fault_scenarios as fs
+    from banditroute.testkit.s3server import S3_TEST_ENV, S3Proxy, acquire_server, release_server
 
     os.environ.update(S3_TEST_ENV)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,

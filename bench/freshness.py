@@ -87,21 +87,21 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from banditroute.data import load_routing_data, resolve_data_path
+    from banditroute.core.data import load_routing_data, resolve_data_path
     from banditroute.feedback.actor import get_or_create_feedback_actor
     from banditroute.learner.actor import get_or_create_learner_actor
     from banditroute.learner.loop import UpConfig, _wait_healthy, free_port, starting_policy
     from banditroute.learner.param_server import NAMESPACE, get_or_create_parameter_server
-    from banditroute.records import DecisionRecord, JoinedEvent, events_to_table
+    from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
     from banditroute.serve.app import build_app
     from banditroute.serve.config import RouterConfig
-    from banditroute.storage import StorageConfig
+    from banditroute.core.storage import StorageConfig
 
     data = load_routing_data(resolve_data_path(args.data))
     policy = starting_policy(UpConfig(encoder=args.encoder), data)
     run_dir = Path("runs") / "bench-storage" / time.strftime("freshness-%Y%m%d-%H%M%S")  # data, not results: kept out of git
     storage = StorageConfig(uri=str(run_dir.resolve()))
-    from banditroute.security import SecurityConfig, ensure_local_secret
+    from banditroute.core.security import SecurityConfig, ensure_local_secret
 
     secret_env = SecurityConfig().token_secret_env
     ensure_local_secret(SecurityConfig())  # the replicas sign decision tokens

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -56,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from banditroute.security import SecurityConfig, ensure_local_secret, sign, verify
-    from fuzzing import KEY_VALUES, KEYS, FuzzContext, deploy_secured_app, generate, replica_ids, route_tokens, run
+    from banditroute.core.security import SecurityConfig, ensure_local_secret, sign, verify
+    from banditroute.testkit.fuzzing import KEY_VALUES, KEYS, FuzzContext, deploy_secured_app, generate, replica_ids, route_tokens, run
 
     ensure_local_secret(SecurityConfig())
     secret_env = SecurityConfig().token_secret_env

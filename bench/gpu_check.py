@@ -24,8 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from raw_inference import ensure_package, load_prompts  # noqa: E402
+from raw_inference import load_prompts  # noqa: E402
 
 
 def check_projection(device: str, floor: float, ceiling: float, seed: int = 0) -> dict:
@@ -68,10 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", help="write the JSON result here")
     args = parser.parse_args(argv)
-    ensure_package()
     import torch
 
-    from banditroute.records import WeightsSnapshot
+    from banditroute.core.records import WeightsSnapshot
     from banditroute.serve.core import RouterCore
 
     overrides = {"model_path": args.model_path} if args.model_path else None

@@ -36,12 +36,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from freshness import cpu_model  # noqa: E402
 
 
 def synthetic_events(n: int, models: list[str], dim: int, rng, encoder_id: str = ""):
-    from banditroute.records import DecisionRecord, JoinedEvent, events_to_table
+    from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
 
     emb = rng.normal(size=(n, dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
@@ -69,8 +68,8 @@ def bench_throughput(args) -> dict:
     from banditroute.feedback.log import EventLog
     from banditroute.feedback.service import FeedbackConfig, FeedbackService
     from banditroute.learner.learner import LearnerConfig, OnlineLearner
-    from banditroute.records import DecisionRecord, RewardRecord
-    from banditroute.storage import StorageConfig, open_storage
+    from banditroute.core.records import DecisionRecord, RewardRecord
+    from banditroute.core.storage import StorageConfig, open_storage
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -192,13 +191,13 @@ def expected_levels(policy, emb: np.ndarray, full_reward_fn, n_samples: int, rng
 def bench_curve(args) -> dict:
     import torch
 
-    from banditroute.data import load_routing_data, resolve_data_path
+    from banditroute.core.data import load_routing_data, resolve_data_path
     from banditroute.learner.learner import LearnerConfig, OnlineLearner
     from banditroute.learner.loop import UpConfig, plot_learning_curve, starting_policy
     from banditroute.policy.barp import RoutingPolicy
     from banditroute.policy.encoders import embed_prompts
     from banditroute.policy.reward import reward
-    from banditroute.records import DecisionRecord, JoinedEvent, events_to_table
+    from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     data = load_routing_data(resolve_data_path(args.data))
@@ -222,7 +221,7 @@ def bench_curve(args) -> dict:
         levels["offline"] = expected_levels(offline, emb, lambda rows, w: reward(scores[rows], costs[rows], w[:, None], tau),
                                             20000, np.random.default_rng(1))
 
-    from banditroute.config import load_config, parse_set_args
+    from banditroute.core.config import load_config, parse_set_args
 
     learner_cfg = load_config(LearnerConfig, None, {"seed": args.seed, **parse_set_args(args.learner_set)})
     learner = OnlineLearner(start, learner_cfg)

@@ -26,7 +26,6 @@ import numpy as np
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # as in a Ray actor: BLAS threads only fight each other on a busy box
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from freshness import cpu_model  # noqa: E402
 
 
@@ -35,7 +34,7 @@ def simulate(data, emb, encoder_id, start, gate: bool, decisions: int, seed: int
     from banditroute.learner.ope import served_probabilities
     from banditroute.learner.promotion import PromotionConfig
     from banditroute.policy.reward import reward
-    from banditroute.records import DecisionRecord, JoinedEvent, events_to_table
+    from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
 
     actor = LearnerActor({"promotion": {"enabled": gate}, "checkpoint_every": 0, "seed": seed}, None, start.state(),
                          parameter_server_name=None)
@@ -88,7 +87,7 @@ def main() -> int:
 
     import torch
 
-    from banditroute.data import load_routing_data, resolve_data_path
+    from banditroute.core.data import load_routing_data, resolve_data_path
     from banditroute.learner.loop import UpConfig, starting_policy
     from banditroute.policy.encoders import embed_prompts
 

@@ -38,25 +38,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ensure_package() -> None:
-    """Make ``banditroute.*`` importable from a bare checkout (no pip install, e.g. on a GPU box).
-
-    The repo keeps one top-level folder per component (policy/, serve/, ...) that
-    installs as ``banditroute.<component>``; without the install, adding the repo
-    root to the package's search path gives the same mapping.
-    """
-    try:
-        import banditroute.serve.core  # noqa: F401
-        return
-    except ImportError:
-        pass
-    sys.path.insert(0, str(ROOT))
-    import banditroute
-
-    if str(ROOT) not in banditroute.__path__:
-        banditroute.__path__.append(str(ROOT))
-
-
 def load_prompts(data: str | None, prompts: str | None, limit: int, seed: int = 0) -> list[str]:
     """Prompt texts from a routing-data file (.parquet/.csv/.pkl) or a JSON list of strings."""
     if prompts:
@@ -202,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the JSON result here")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ensure_package()
     from banditroute.serve.core import RouterCore
 
     overrides = {"model_path": args.model_path} if args.model_path else None

@@ -31,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from raw_inference import ensure_package, environment, load_prompts, measure_raw  # noqa: E402
+from raw_inference import environment, load_prompts, measure_raw  # noqa: E402
 
 
 async def _load(url: str, bodies: list[dict], concurrency: int, duration_s: float, max_requests: int,
@@ -110,7 +109,7 @@ def _start_server(args, tmp: str) -> tuple[str, object]:
         key, value = pair.split("=", 1)
         overrides[key] = value
     cfg = load_router_config(None, overrides)
-    from banditroute.security import ensure_local_secret
+    from banditroute.core.security import ensure_local_secret
 
     ensure_local_secret(cfg.security)  # the ingress signs decision tokens
     env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", cfg.security.token_secret_env)
@@ -154,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ensure_package()
 
     prompts = load_prompts(args.data, args.prompts, args.max_prompts)
     result: dict = {

@@ -28,11 +28,8 @@ TEST_API_KEYS = {"BANDITROUTE_TEST_ROUTE_KEYS": "route-key-1,route-key-2", "BAND
                  "BANDITROUTE_TEST_ADMIN_KEYS": "admin-key-1"}
 os.environ.update(TEST_API_KEYS)
 
-TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))  # so tests can import helpers such as s3server
 
-from s3server import S3_TEST_ENV, s3_server, s3_storage_config  # noqa: E402,F401  (a real moto_server on loopback)
+from banditroute.testkit.s3server import S3_TEST_ENV, s3_server, s3_storage_config  # noqa: E402,F401  (a real moto_server on loopback)
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ import pytest
 
 from banditroute.cli import SUBCOMMANDS, main
 from banditroute.policy.checkpoint import load_policy
-from synthetic import make_routing_data
+from banditroute.testkit.synthetic import make_routing_data
 
 
 @pytest.mark.parametrize("command", sorted(SUBCOMMANDS))

@@ -16,7 +16,7 @@ import yaml
 
 from banditroute.cluster.config import AppConfig, app_config_from_dict, env_overrides, load_app_config
 from banditroute.cluster.launch import IMPORT_PATH, serve_config_from_app, serve_schema
-from banditroute.config import ConfigError
+from banditroute.core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "configs" / "app.example.yaml"
@@ -107,8 +107,8 @@ def test_serve_config_validates_and_matches_k8s():
     assert [d["name"] for d in ours["deployments"]] == [d["name"] for d in theirs["deployments"]]
     assert ours["args"]["storage"] == theirs["args"]["storage"]
     assert ours["args"]["online"] == theirs["args"]["online"] == {"enabled": True, "initial_policy": EXAMPLE_SEED}
-    from banditroute.config import from_dict
-    from banditroute.security import SecurityConfig
+    from banditroute.core.config import from_dict
+    from banditroute.core.security import SecurityConfig
 
     security = [from_dict(SecurityConfig, a["args"]["security"]) for a in (ours, theirs)]
     assert security[0] == security[1] and security[0].admin_api_keys_env  # the env var names the pods get

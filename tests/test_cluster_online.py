@@ -17,7 +17,7 @@ from banditroute.cluster.online import OnlineConfig, actor_names
 from banditroute.policy.checkpoint import fetch_policy_folder
 from banditroute.feedback.log import EventLog
 from banditroute.learner.checkpoint import list_checkpoints
-from banditroute.storage import open_storage
+from banditroute.core.storage import open_storage
 
 pytestmark = pytest.mark.ray
 

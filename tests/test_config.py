@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from banditroute.config import ConfigError, from_dict, load_config, parse_set_args, to_dict
+from banditroute.core.config import ConfigError, from_dict, load_config, parse_set_args, to_dict
 
 
 @dataclass

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from banditroute.data import DataError, load_routing_data, split_by_prompt, split_by_task
-from synthetic import make_routing_data
+from banditroute.core.data import DataError, load_routing_data, split_by_prompt, split_by_task
+from banditroute.testkit.synthetic import make_routing_data
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv", ".pkl"])
@@ -88,7 +88,7 @@ def test_task_split_holds_out_whole_tasks():
 
 
 def test_shared_data_loads_when_present():
-    from banditroute.data import default_data_dir
+    from banditroute.core.data import default_data_dir
 
     root = default_data_dir()
     if root is None:

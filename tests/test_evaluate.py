@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from banditroute.cli import main
-from banditroute.data import RoutingData
+from banditroute.core.data import RoutingData
 from banditroute.policy.barp import NetworkConfig
 from banditroute.policy.encoders import EncoderConfig, embed_prompts
 from banditroute.policy.evaluate import (
@@ -116,7 +116,7 @@ def write_tiny_split(folder, rng):
 
 
 def test_eval_command_smoke(tmp_path, capsys):
-    from banditroute.data import load_routing_data
+    from banditroute.core.data import load_routing_data
 
     train_path, test_path = write_tiny_split(tmp_path, np.random.default_rng(0))
     train = load_routing_data(train_path)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-import fault_scenarios as fs
-from s3server import s3_proxy, s3_server  # noqa: F401
+from banditroute.testkit import fault_scenarios as fs
+from banditroute.testkit.s3server import s3_proxy, s3_server  # noqa: F401
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 

@@ -12,7 +12,7 @@ from banditroute.feedback.join import (
     RewardStatus,
     RewardValidationError,
 )
-from banditroute.records import DecisionRecord, RewardRecord
+from banditroute.core.records import DecisionRecord, RewardRecord
 
 
 def decision(did: str, t: float = 100.0, upstream_cost: float | None = None) -> DecisionRecord:

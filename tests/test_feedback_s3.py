@@ -11,10 +11,10 @@ import pytest
 from banditroute.feedback.log import EventLog, read_event_log
 from banditroute.feedback.service import FeedbackConfig, FeedbackService
 from banditroute.learner.learner import OnlineLearner
-from banditroute.records import DecisionRecord, JoinedEvent, RewardRecord, events_to_table
+from banditroute.core.records import DecisionRecord, JoinedEvent, RewardRecord, events_to_table
 from banditroute.serve.testing import hashing_policy
-from banditroute.storage import open_storage
-from s3server import s3_server, s3_storage_config  # noqa: F401
+from banditroute.core.storage import open_storage
+from banditroute.testkit.s3server import s3_server, s3_storage_config  # noqa: F401
 
 
 def decision(did: str) -> DecisionRecord:
@@ -73,7 +73,7 @@ def test_learner_checkpoints_on_s3_and_resumes(s3_storage_config):  # noqa: F811
 
 @pytest.mark.parametrize("mode", ["stopped"])
 def test_checkpoint_write_fails_fast_when_s3_is_down(s3_server, s3_storage_config, mode):  # noqa: F811
-    from banditroute.storage import StorageUnavailable
+    from banditroute.core.storage import StorageUnavailable
 
     storage = open_storage(s3_storage_config).child("checkpoints")
     learner = OnlineLearner(hashing_policy(models=("big-model", "small-model"), dim=64))

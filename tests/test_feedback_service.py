@@ -12,8 +12,8 @@ from banditroute.feedback.http import ack_to_http, parse_feedback_body, Feedback
 from banditroute.feedback.join import JoinConfig
 from banditroute.feedback.log import EventLog
 from banditroute.feedback.service import FeedbackConfig, FeedbackService
-from banditroute.records import DecisionRecord, RewardRecord
-from banditroute.storage import open_storage
+from banditroute.core.records import DecisionRecord, RewardRecord
+from banditroute.core.storage import open_storage
 
 
 def decision(did: str, t: float | None = None) -> DecisionRecord:

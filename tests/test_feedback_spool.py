@@ -11,9 +11,9 @@ from banditroute.feedback.http import ack_to_http
 from banditroute.feedback.log import EventLog
 from banditroute.feedback.service import FeedbackConfig, FeedbackService
 from banditroute.feedback.spool import LocalSpool, SpoolFull
-from banditroute.records import DecisionRecord, RewardRecord
-from banditroute.storage import Storage, StorageUnavailable, open_storage
-from s3server import S3Proxy, s3_proxy, s3_server  # noqa: F401
+from banditroute.core.records import DecisionRecord, RewardRecord
+from banditroute.core.storage import Storage, StorageUnavailable, open_storage
+from banditroute.testkit.s3server import S3Proxy, s3_proxy, s3_server  # noqa: F401
 
 
 class FlakyStorage(Storage):
@@ -216,8 +216,8 @@ def test_a_write_that_failed_but_landed_is_not_duplicated_by_the_drain(tmp_path)
 
     from banditroute.feedback.log import EventLog
     from banditroute.feedback.service import FeedbackConfig, FeedbackService
-    from banditroute.records import RewardRecord
-    from banditroute.storage import StorageUnavailable, open_storage
+    from banditroute.core.records import RewardRecord
+    from banditroute.core.storage import StorageUnavailable, open_storage
 
     class LandsThenFails(EventLog):
         fail_next = True
@@ -243,7 +243,7 @@ def test_a_write_that_failed_but_landed_is_not_duplicated_by_the_drain(tmp_path)
 
 def test_readers_keep_the_first_row_per_decision(tmp_path):
     """Storage writes are at-least-once; readers see each decision once (the first reward, as the join decided)."""
-    from banditroute.records import JoinedEvent
+    from banditroute.core.records import JoinedEvent
 
     log = EventLog(open_storage(str(tmp_path)))
     first, again = JoinedEvent(decision("d1"), 1.0, 0.001, 1.0), JoinedEvent(decision("d1"), 0.0, 0.002, 2.0)

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from banditroute.feedback.http import FeedbackError, parse_feedback_body
-from banditroute.security import TOKEN_ERROR_KINDS, TokenError, sign, verify
+from banditroute.core.security import TOKEN_ERROR_KINDS, TokenError, sign, verify
 from banditroute.serve.protocol import (
     RequestError,
     check_length,
@@ -152,7 +152,7 @@ def test_json_body_parser_edges():
 
 @pytest.fixture(scope="module")
 def secured(serve_http_port, tmp_path_factory):
-    from fuzzing import deploy_secured_app
+    from banditroute.testkit.fuzzing import deploy_secured_app
 
     app = deploy_secured_app(tmp_path_factory.mktemp("fuzz"), serve_http_port, "fuzz-test")
     yield app
@@ -163,7 +163,7 @@ def secured(serve_http_port, tmp_path_factory):
 def test_live_fuzz_no_5xx_no_crash(secured):
     from ray import serve
 
-    from fuzzing import KEYS, FuzzContext, generate, replica_ids, route_tokens, run
+    from banditroute.testkit.fuzzing import KEYS, FuzzContext, generate, replica_ids, route_tokens, run
 
     base = secured["base"]
     prompts = list(secured["data"].prompts)

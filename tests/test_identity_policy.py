@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from banditroute.data import RoutingData
+from banditroute.core.data import RoutingData
 from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
 from banditroute.policy.checkpoint import checkpoint_kind, load_policy
 from banditroute.policy.encoders import EncoderConfig

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from banditroute.policy.reward import fit_tau
-from banditroute.storage import StorageConfig
+from banditroute.core.storage import StorageConfig
 from test_promotion import new_policy, uniform_events
 
 pytestmark = pytest.mark.ray
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def problem():
     from banditroute.policy.encoders import EncoderConfig, make_encoder
-    from synthetic import make_routing_data
+    from banditroute.testkit.synthetic import make_routing_data
 
     data = make_routing_data(300, seed=0)
     encoder = make_encoder(EncoderConfig(name="hashing", dim=64))

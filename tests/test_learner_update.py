@@ -12,9 +12,9 @@ from banditroute.learner.module import BarpRLModule
 from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
 from banditroute.policy.encoders import EncoderConfig, make_encoder
 from banditroute.policy.reward import fit_tau, reward
-from banditroute.records import DecisionRecord, JoinedEvent, events_to_table
-from banditroute.storage import open_storage
-from synthetic import make_routing_data
+from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
+from banditroute.core.storage import open_storage
+from banditroute.testkit.synthetic import make_routing_data
 
 ENC = EncoderConfig(name="hashing", dim=64)
 
@@ -151,7 +151,7 @@ def test_rl_module_entry_points(problem):
 
 def test_events_answered_by_a_fallback_model_are_not_credited_to_the_chosen_one():
     from banditroute.learner.ope import prepare_logged_data
-    from banditroute.records import EventBatch
+    from banditroute.core.records import EventBatch
 
     enc_cfg = EncoderConfig(name="hashing", dim=16)
     meta = PolicyMeta(models=["a", "b"], tau=1.0, embed_dim=16, encoder=enc_cfg, encoder_id="",

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from banditroute.feedback.log import EventLog
-from banditroute.security import sign, verify
-from banditroute.storage import StorageConfig, open_storage
-from synthetic import make_routing_data
+from banditroute.core.security import sign, verify
+from banditroute.core.storage import StorageConfig, open_storage
+from banditroute.testkit.synthetic import make_routing_data
 
 pytestmark = pytest.mark.ray
 
@@ -157,7 +157,7 @@ def test_rewards_train_new_weights_that_every_replica_serves(loop):
 
 
 def _reward(decision_id: str):
-    from banditroute.records import RewardRecord
+    from banditroute.core.records import RewardRecord
 
     return RewardRecord(decision_id=decision_id, score=1.0)
 

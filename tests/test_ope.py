@@ -21,8 +21,8 @@ from banditroute.learner.ope import (
 from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
 from banditroute.policy.encoders import EncoderConfig, make_encoder
 from banditroute.policy.reward import fit_tau, reward
-from banditroute.records import DecisionRecord, JoinedEvent, events_to_table
-from synthetic import make_routing_data
+from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
+from banditroute.testkit.synthetic import make_routing_data
 
 
 def softmax(z):

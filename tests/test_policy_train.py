@@ -6,7 +6,7 @@ from banditroute.policy.barp import PolicyMeta, RoutingPolicy
 from banditroute.policy.encoders import EncoderConfig, make_encoder
 from banditroute.policy.reward import reward, reward_matrix
 from banditroute.policy.train import BanditEnvironment, TrainConfig, train_bandit_policy
-from synthetic import make_routing_data
+from banditroute.testkit.synthetic import make_routing_data
 
 ENC = EncoderConfig(name="hashing", dim=128)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from banditroute.config import ConfigError, from_dict
+from banditroute.core.config import ConfigError, from_dict
 from banditroute.learner.actor import LearnerActor
 from banditroute.learner.checkpoint import list_checkpoints, load_checkpoint, read_manifest
 from banditroute.learner.config import LearnerConfig
@@ -26,9 +26,9 @@ from banditroute.learner.promotion import (
 from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
 from banditroute.policy.encoders import EncoderConfig, make_encoder
 from banditroute.policy.reward import fit_tau
-from banditroute.records import DecisionRecord, JoinedEvent, events_to_table
-from banditroute.storage import StorageConfig, open_storage
-from synthetic import make_routing_data
+from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
+from banditroute.core.storage import StorageConfig, open_storage
+from banditroute.testkit.synthetic import make_routing_data
 
 ENC = EncoderConfig(name="hashing", dim=64)
 GATE = {"every_updates": 5, "holdout_fraction": 0.5, "min_holdout_events": 40}

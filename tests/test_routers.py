@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from banditroute.data import DataError, RoutingData
+from banditroute.core.data import DataError, RoutingData
 from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
 from banditroute.policy.evaluate import evaluate_router, score_choices
 from banditroute.policy.routers import (

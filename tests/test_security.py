@@ -9,9 +9,9 @@ import uuid
 import httpx
 import pytest
 
-from banditroute.config import ConfigError, from_dict
+from banditroute.core.config import ConfigError, from_dict
 from banditroute.feedback.http import FeedbackError, ack_to_http, parse_feedback_body
-from banditroute.security import (
+from banditroute.core.security import (
     Security,
     SecurityConfig,
     TokenError,
@@ -120,7 +120,7 @@ def test_reward_values_are_validated_and_replays_are_409():
 
 @pytest.fixture(scope="module")
 def secured(serve_http_port, tmp_path_factory):
-    from fuzzing import deploy_secured_app
+    from banditroute.testkit.fuzzing import deploy_secured_app
 
     app = deploy_secured_app(tmp_path_factory.mktemp("secured"), serve_http_port, "secured-test")
     yield app
@@ -133,7 +133,7 @@ def _client(base: str, key: str | None = None) -> httpx.Client:
 
 @pytest.mark.ray
 def test_live_api_keys_body_limit_and_token_rejections(secured):
-    from fuzzing import KEYS, MAX_BODY_BYTES
+    from banditroute.testkit.fuzzing import KEYS, MAX_BODY_BYTES
 
     base = secured["base"]
     prompt = secured["data"].prompts[0]

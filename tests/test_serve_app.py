@@ -70,7 +70,7 @@ class FlakyUpstream:
 def deployed(serve_http_port, tmp_path_factory):
     from ray import serve
 
-    from banditroute.data import load_routing_data
+    from banditroute.core.data import load_routing_data
     from banditroute.serve.app import build_app
     from banditroute.serve.testing import write_fixture
 
@@ -130,7 +130,7 @@ def raw_id(token: str) -> str:
     """The raw decision id (as logged) that a client-facing decision token binds."""
     import os
 
-    from banditroute.security import verify
+    from banditroute.core.security import verify
 
     return verify(token, [os.environ["BANDITROUTE_TOKEN_SECRET"]], time.time()).decision_id
 
@@ -332,7 +332,7 @@ def test_weights_refresh_from_parameter_server(deployed):
     import ray
 
     from banditroute.learner.param_server import get_or_create_parameter_server
-    from banditroute.records import WeightsSnapshot
+    from banditroute.core.records import WeightsSnapshot
     from banditroute.serve.testing import hashing_policy
 
     c = deployed["client"]
@@ -368,7 +368,7 @@ def test_router_deployment_in_local_testing_mode(tmp_path):
     """
     from ray import serve
 
-    from banditroute.config import to_dict
+    from banditroute.core.config import to_dict
     from banditroute.serve.app import Router
     from banditroute.serve.config import load_router_config
     from banditroute.serve.core import RouteRequest

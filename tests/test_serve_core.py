@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from banditroute.config import ConfigError
-from banditroute.records import DECISION_SCHEMA, WeightsSnapshot
+from banditroute.core.config import ConfigError
+from banditroute.core.records import DECISION_SCHEMA, WeightsSnapshot
 from banditroute.serve.config import load_router_config
 from banditroute.serve.core import RouteRequest, RouterCore, decisions_table
 from banditroute.serve.decision_sinks import DECISION_SINKS, LocalDecisionLog, make_decision_sink, read_decision_log, read_decisions

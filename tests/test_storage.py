@@ -6,10 +6,10 @@ import time
 
 import pyarrow as pa
 import pytest
-from s3server import S3Server, s3_server, s3_storage_config  # noqa: F401  (fixtures)
+from banditroute.testkit.s3server import S3Server, s3_server, s3_storage_config  # noqa: F401  (fixtures)
 
-from banditroute.config import ConfigError, from_dict
-from banditroute.storage import Storage, StorageConfig, StorageUnavailable, open_storage
+from banditroute.core.config import ConfigError, from_dict
+from banditroute.core.storage import Storage, StorageConfig, StorageUnavailable, open_storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -100,7 +100,7 @@ def test_local_write_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
     def failing_fsync(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("banditroute.storage.os.fsync", failing_fsync)
+    monkeypatch.setattr("banditroute.core.storage.os.fsync", failing_fsync)
     with pytest.raises(OSError, match="No space left"):
         storage.write_bytes("dir/f.bin", b"2" * 1000)
     monkeypatch.undo()

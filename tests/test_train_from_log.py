@@ -16,9 +16,9 @@ from banditroute.learner.config import LearnerConfig
 from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
 from banditroute.policy.encoders import EncoderConfig, make_encoder
 from banditroute.policy.reward import fit_tau, reward
-from banditroute.records import DecisionRecord, JoinedEvent, events_to_table
-from banditroute.storage import StorageConfig, open_storage
-from synthetic import make_routing_data
+from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
+from banditroute.core.storage import StorageConfig, open_storage
+from banditroute.testkit.synthetic import make_routing_data
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,202 @@
+"""``POST /v1/feedback``: the handler logic (the Serve ingress calls :func:`handle_feedback`).
+
+Body: ``{"decision_id": str, "score": float in [0, 1]}`` plus optional
+``"cost": float in [0, security.max_reward_cost_usd]`` (USD; default: the cost
+the upstream reported when the router proxied the call, else 0). Values are
+validated, never clipped: an out-of-range value is refused (422), not bent.
+
+``decision_id`` is the signed decision token the router answered
+(banditroute/security.py): the ingress verifies it BEFORE anything reaches the
+feedback actor and hands the actor the raw id it binds (with
+``security.require_signed_tokens: false`` raw ids are sent and accepted).
+
+Answers (status, JSON body); ``decision_id`` in answers is the id the client sent:
+
+=====  ============================================================================
+200    ``{"status": "accepted", "trained": true, ...}``: the joined event is durable
+200    ``{"status": "late", "trained": false}``: the decision's reward window had
+       closed; the reward is logged for audits but not trained on
+400    the body is not (valid) JSON / not a JSON object (``field``: body)
+401    API key missing or wrong (``field``: authorization; ``WWW-Authenticate``)
+401    ``decision_id`` is not a signed token (unsigned), not token-shaped
+       (malformed), or its signature does not match (tampered / another secret)
+404    ``decision_id``: authentic token, but the feedback actor does not know the
+       decision (never logged, or forgotten after the window + remember_s)
+409    ``{"status": "duplicate", "trained": false, "durable": true}`` in an error
+       envelope: a reward for this decision was already accepted (first reward
+       wins; a replayed token). Nothing changed; clients treat 409 as done
+410    ``decision_id``: the token expired (``security.token_ttl_s`` after the
+       decision); nothing recorded
+413    the body is larger than ``security.max_body_bytes`` (``field``: body)
+422    a field is missing, of the wrong type or out of range (``field`` names it)
+503    the event log or the feedback actor is unavailable; nothing was recorded,
+       retry (``Retry-After`` header)
+=====  ============================================================================
+
+The ingress counts rejections by reason (``GET /v1/admin/security`` and the
+``banditroute_security_rejections_total`` metric).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any, Callable
+
+from banditroute.feedback.actor import FEEDBACK_ACTOR_NAME
+from banditroute.learner.param_server import NAMESPACE
+from banditroute.core.records import RewardRecord
+from banditroute.serve.protocol import short_repr
+
+ALLOWED_FIELDS = ("decision_id", "score", "cost")
+RETRY_AFTER_S = 1
+
+
+class FeedbackError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": {"message": self.message, "type": "invalid_request_error" if self.status < 500 else "unavailable"}}
+        if self.field is not None:
+            out["error"]["field"] = self.field
+        return out
+
+
+def _number(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FeedbackError(422, f"{field} must be a number, got {type(value).__name__}", field)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        raise FeedbackError(422, f"{field} is out of range", field) from None
+    if not math.isfinite(number):
+        raise FeedbackError(422, f"{field} must be finite", field)
+    return number
+
+
+def parse_feedback_body(body: Any, now: float | None = None, max_cost_usd: float | None = None) -> RewardRecord:
+    """Validate a /v1/feedback body into a RewardRecord (FeedbackError naming the field otherwise).
+
+    ``max_cost_usd``: the largest cost accepted (security.max_reward_cost_usd); None = no upper bound.
+    """
+    if not isinstance(body, dict):
+        raise FeedbackError(400, "the body must be a JSON object with decision_id and score", "body")
+    unknown = sorted(set(body) - set(ALLOWED_FIELDS))
+    if unknown:
+        raise FeedbackError(422, f"unknown field(s) {short_repr(unknown, 200)}; allowed: {list(ALLOWED_FIELDS)}", unknown[0][:200] or "<empty key>")
+    if "decision_id" not in body or body["decision_id"] is None:
+        raise FeedbackError(422, "decision_id is required", "decision_id")
+    decision_id = body["decision_id"]
+    if not isinstance(decision_id, str) or not decision_id.strip():
+        raise FeedbackError(422, "decision_id must be a non-empty string", "decision_id")
+    if "score" not in body or body["score"] is None:
+        raise FeedbackError(422, "score is required", "score")
+    score = _number(body["score"], "score")
+    if not 0.0 <= score <= 1.0:
+        raise FeedbackError(422, f"score must be in [0, 1], got {score}", "score")
+    cost = None
+    if body.get("cost") is not None:
+        cost = _number(body["cost"], "cost")
+        if cost < 0:
+            raise FeedbackError(422, f"cost must be >= 0, got {cost}", "cost")
+        if max_cost_usd is not None and cost > max_cost_usd:
+            raise FeedbackError(422, f"cost must be <= {max_cost_usd:g} USD (security.max_reward_cost_usd), got {cost}", "cost")
+    return RewardRecord(decision_id=decision_id, score=score, cost=cost, time=time.time() if now is None else now)
+
+
+def feedback_target(router_config: Any) -> dict[str, Any]:
+    """Which feedback actor the ingress sends rewards to: the one its replicas send decisions to.
+
+    With ``decision_sink == "feedback-actor"`` its ``name``/``namespace``
+    options are used (so decisions and rewards meet in one actor); otherwise
+    the default ``banditroute-feedback`` in namespace ``banditroute``.
+    """
+    options = getattr(router_config, "decision_sink_options", None) or {}
+    if getattr(router_config, "decision_sink", None) == "feedback-actor":
+        return {"name": str(options.get("name", FEEDBACK_ACTOR_NAME)), "namespace": options.get("namespace", NAMESPACE)}
+    return {"name": FEEDBACK_ACTOR_NAME, "namespace": NAMESPACE}
+
+
+_ACTORS: dict[tuple[str, str | None], Any] = {}
+
+
+async def _feedback_actor(name: str, namespace: str | None) -> Any:
+    """The named feedback actor's handle, cached per (name, namespace) until a call through it fails."""
+    key = (name, namespace)
+    if key not in _ACTORS:
+        import ray
+
+        _ACTORS[key] = await asyncio.to_thread(ray.get_actor, name, namespace)
+    return _ACTORS[key]
+
+
+async def submit(reward: RewardRecord, actor: Any = None, name: str = FEEDBACK_ACTOR_NAME,
+                 namespace: str | None = NAMESPACE, timeout_s: float = 30.0) -> dict[str, Any]:
+    """Send one reward to the feedback actor and wait for its answer.
+
+    Any failure (timeout included) drops the cached handle, so the next
+    request looks the name up again: a handle to an actor that was killed
+    and re-created under the same name would otherwise fail (or wait) forever.
+    """
+    try:
+        handle = actor if actor is not None else await _feedback_actor(name, namespace)
+        return await asyncio.wait_for(handle.submit_reward.remote(reward), timeout_s)
+    except asyncio.TimeoutError:
+        _ACTORS.pop((name, namespace), None)
+        raise FeedbackError(503, f"the feedback actor did not answer within {timeout_s:.0f}s") from None
+    except FeedbackError:
+        raise
+    except Exception as exc:  # actor missing or restarting
+        _ACTORS.pop((name, namespace), None)
+        raise FeedbackError(503, f"the feedback actor is unavailable: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+async def handle_feedback(body: Any, actor: Any = None, name: str = FEEDBACK_ACTOR_NAME,
+                          namespace: str | None = NAMESPACE, timeout_s: float = 30.0,
+                          resolve_decision_id: Callable[[str], str] | None = None,
+                          max_cost_usd: float | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(HTTP status, JSON body, headers) for one POST /v1/feedback body.
+
+    ``resolve_decision_id`` maps the id the client sent (a signed token) to the
+    raw decision id, or raises FeedbackError (401/410); it runs after the body
+    is validated and before anything is sent to the actor.
+    """
+    try:
+        reward = parse_feedback_body(body, max_cost_usd=max_cost_usd)
+        sent_id = reward.decision_id
+        if resolve_decision_id is not None:
+            reward.decision_id = resolve_decision_id(sent_id)
+        ack = await submit(reward, actor, name, namespace, timeout_s)
+    except FeedbackError as err:
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 503 else {}
+        if err.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="banditroute"'
+        return err.status, err.body(), headers
+    if resolve_decision_id is not None:
+        ack = dict(ack, decision_id=sent_id)  # answer with the id the client knows
+    return ack_to_http(ack)
+
+
+def ack_to_http(ack: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Map the feedback actor's answer onto the HTTP contract."""
+    status = ack.get("status")
+    did = ack.get("decision_id")
+    if status == "accepted":
+        return 200, {"status": "accepted", "decision_id": did, "trained": True, "durable": True,
+                     "model": ack.get("model"), "policy_version": ack.get("policy_version"), "cost": ack.get("cost"),
+                     "reward_time": ack.get("reward_time")}, {}
+    if status == "duplicate":  # replayed: idempotent, nothing changed; 409 so a replay is visible, clients treat it as done
+        body = FeedbackError(409, "a reward for this decision_id was already accepted (first reward wins); nothing changed",
+                             "decision_id").body()
+        return 409, dict(body, status="duplicate", decision_id=did, trained=False, durable=True), {}
+    if status == "late":
+        return 200, {"status": "late", "decision_id": did, "trained": False, "durable": True,
+                     "finished_as": ack.get("finished_as")}, {}
+    if status == "unknown":
+        return 404, FeedbackError(404, ack.get("error") or f"unknown decision_id {short_repr(did)}", "decision_id").body(), {}
+    if status == "invalid":
+        return 422, FeedbackError(422, ack.get("error", "invalid reward"), ack.get("field")).body(), {}
+    return 503, FeedbackError(503, ack.get("error") or "feedback unavailable").body(), {"Retry-After": str(RETRY_AFTER_S)}

@@ -1,0 +1,78 @@
+"""The online learner's configuration, apart from the learner itself.
+
+``banditroute.learner.learner`` imports RLlib; the application builder,
+the cluster config and Serve replicas only need these settings, so they
+live here (``learner.learner`` re-exports ``LearnerConfig``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from banditroute.learner.checkpoint import DEFAULT_CHECKPOINT_PREFIX
+from banditroute.learner.promotion import PromotionConfig
+
+
+@dataclass
+class LearnerConfig:
+    """Online learner: loss weights, optimisation, replay and checkpoints."""
+
+    learning_rate: float = 1e-3
+    """Adam learning rate (RLlib's optimizer)."""
+    entropy_coef: float = 0.01
+    """Weight of the entropy bonus (keeps the router exploring)."""
+    value_coef: float = 0.5
+    """Weight of the value baseline's squared error in the total loss."""
+    importance_clip: float = 5.0
+    """Clip for the importance weights pi/mu (bounds the off-policy variance)."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (RLlib grad_clip, by global norm)."""
+    replay_capacity: int = 20_000
+    """Most recent training rows kept for replay (0 disables replay)."""
+    replay_sample: int = 256
+    """Replayed rows added to every update's fresh events."""
+    gradient_steps: int = 1
+    """Gradient steps per update (RLlib num_epochs over the update batch)."""
+    checkpoint_every: int = 100
+    """Write a checkpoint every N updates (and always on shutdown); 0 = only on shutdown."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept in storage (older ones are pruned)."""
+    checkpoint_prefix: str = DEFAULT_CHECKPOINT_PREFIX
+    """Storage key prefix of the checkpoints."""
+    seed: int = 0
+    """Seeds replay sampling and torch."""
+    torch_threads: int = 1
+    """torch intra-op threads in the learner actor (0 = torch's default; the small MLP needs one)."""
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    """The promotion gate: which versions replicas get (learner.promotion; see learner/promotion.py)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.promotion, dict):  # LearnerConfig(**plain_dict) as well as from_dict
+            from banditroute.core.config import from_dict
+
+            self.promotion = from_dict(PromotionConfig, self.promotion, prefix="learner.promotion")
+
+    def validate(self) -> None:
+        if self.torch_threads < 0:
+            raise ValueError("learner.torch_threads must be >= 0")
+        if self.learning_rate <= 0:
+            raise ValueError("learner.learning_rate must be > 0")
+        if self.entropy_coef < 0:
+            raise ValueError("learner.entropy_coef must be >= 0")
+        if self.value_coef < 0:
+            raise ValueError("learner.value_coef must be >= 0")
+        if self.importance_clip <= 0:
+            raise ValueError("learner.importance_clip must be > 0")
+        if self.grad_clip <= 0:
+            raise ValueError("learner.grad_clip must be > 0")
+        if self.replay_capacity < 0 or self.replay_sample < 0:
+            raise ValueError("learner.replay_capacity and learner.replay_sample must be >= 0")
+        if self.gradient_steps < 1:
+            raise ValueError("learner.gradient_steps must be >= 1")
+        if self.checkpoint_every < 0:
+            raise ValueError("learner.checkpoint_every must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ValueError("learner.keep_checkpoints must be >= 1")
+        if not self.checkpoint_prefix.strip("/"):
+            raise ValueError("learner.checkpoint_prefix must not be empty")
+        self.promotion.validate()

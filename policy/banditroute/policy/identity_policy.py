@@ -1,0 +1,773 @@
+"""A routing policy over ANY set of candidate models: shared weights, per-model identities.
+
+BaRP (``policy/barp.py``) has one output per known model, so a new model
+means retraining. This policy instead scores each CANDIDATE from
+
+* the prompt embedding x (frozen encoder),
+* the preference w = (1 - w_cost, w_cost),
+* the candidate's identity: the posterior mean and std of its IRT ability
+  vector (``policy/irt.py``), and the IRT's prediction for (x, candidate):
+  logit mean / std and expected score p_hat = E_q[sigmoid(a(x).theta - b(x))],
+* the candidate's CURRENT price, normalised like the reward: min(price / tau, 1),
+
+(by default the prompt and the identity reach the shared MLP through the
+IRT terms only, see ``prompt_features`` / ``identity_features``: that
+generalised better to onboarded models), with the same weights for every
+candidate, then normalises with a softmax
+across the candidates offered for this request. Everything model-specific
+comes from the model registry (``policy/model_registry.py``), read at every
+decision: registering a model makes it routable immediately, and a price
+change changes the routing immediately, with no retraining.
+
+::
+
+    x ──> prompt proj ─┐
+    w ──> pref MLP ────┼─> candidate MLP (shared) ─> [set attention across the
+    per candidate: ────┘    offered candidates]     ─> score head ─> logit_k
+      mu, log sigma, p_hat, logit moments, price_n        + beta * ((1-w) p_hat_k - w price_n_k)
+                                                                          │
+                                          masked softmax over candidates <┘
+
+Permutation invariance: candidates carry no position (no positional code,
+attention and pooling are symmetric), so reordering the candidates reorders
+the logits the same way and the probability of each model is unchanged.
+Any number of candidates >= 1 works; an empty candidate set is an error.
+
+The ``beta * ((1 - w) p_hat - w price_n)`` term is the reward the IRT
+predicts; it makes the untrained network a sensible plug-in router, and,
+as beta >= 0 and the learned correction on top is bounded
+(``correction_bound * tanh``), a large enough price change always moves
+traffic the right way. The MLP and the attention learn that correction from
+bandit feedback only.
+
+Training (:func:`train_identity_policy`) reuses the BaRP trainer's loop
+(``policy/train.py``: BanditEnvironment reveals only the chosen model's
+reward; REINFORCE + learned baseline + entropy). Three augmentations teach
+the shared weights to generalise over models rather than memorise the
+training pool: a random subset of the pool is offered per request, each
+offered price (and the cost the environment charges for it) is scaled by a
+random log-normal factor, and a candidate's identity is sometimes replaced
+by the wider posterior fitted from a small random quiz (like an onboarded
+model's). The IRT is fitted first, on the logged outcomes of the training
+data (``irt_pulls_per_prompt`` > 0 restricts it to a sparse random log).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from banditroute.core.config import from_dict, to_dict
+from banditroute.core.data import RoutingData
+from banditroute.policy.barp import Decisions, greedy_actions, preference_features, sample_actions
+from banditroute.policy.encoders import EncoderConfig
+from banditroute.policy.irt import (
+    IrtConfig,
+    IrtModel,
+    ItemMaps,
+    expected_probability,
+    fit_identities,
+    fit_irt,
+    logit_moments,
+    population_prior,
+    single_threaded_torch,
+)
+from banditroute.policy.model_registry import REGISTRY_FILE, ModelEntry, ModelRegistry, UnknownModelError
+from banditroute.policy.reward import fit_tau
+from banditroute.policy.train import BanditLoopConfig
+
+KIND = "identity"
+TRAIN_MASKED_LOGIT = -1e9
+CHECKPOINT_FORMAT = 1
+WEIGHTS_FILE = "policy.pt"
+META_FILE = "meta.json"
+
+
+class CandidateSetError(ValueError):
+    """A request offered no candidate (or a mask does not fit the pool)."""
+
+
+# --- configuration -----------------------------------------------------------------------
+
+
+@dataclass
+class IdentityNetworkConfig:
+    """Shape of the identity policy network."""
+
+    hidden_dim: int = 128
+    """Width of the shared per-candidate MLP and of the attention layer."""
+    prompt_dim: int = 64
+    """Width of the projected prompt embedding."""
+    preference_dim: int = 16
+    """Output width of the preference encoder MLP."""
+    prompt_features: bool = False
+    """Also feed the projected prompt embedding to the candidate MLP (default off: the prompt
+    then acts through the IRT's item maps, i.e. p_hat and the logit moments, which generalised
+    better in the onboarding evaluation; the raw embedding lets the MLP memorise prompts)."""
+    identity_features: bool = False
+    """Also feed the raw identity (posterior mean and log std) to the candidate MLP, besides the
+    IRT prediction it implies (False: the candidate is seen only through p_hat, the logit
+    moments and its price, so a new model's correction cannot depend on where its vector lies)."""
+    set_attention: bool = True
+    """One self-attention layer across the offered candidates (each sees its alternatives)."""
+    attention_heads: int = 4
+    """Heads of the candidate self-attention (must divide hidden_dim)."""
+    reward_prior: bool = True
+    """Add beta * ((1 - w) * p_hat - w * price_n) to each logit (IRT-predicted reward, beta >= 0 learned)."""
+    reward_prior_init: float = 20.0
+    """Initial beta of the reward-prior term (logit units per unit of predicted reward)."""
+    correction_bound: float = 1.0
+    """The learned per-candidate correction is bound * tanh(raw / bound), so it cannot bury a
+    candidate for good (REINFORCE never revisits a model at probability ~0); 0 = unbounded."""
+
+    def validate(self) -> None:
+        if min(self.hidden_dim, self.prompt_dim, self.preference_dim) < 1:
+            raise ValueError("identity_network: hidden_dim, prompt_dim and preference_dim must be >= 1")
+        if self.attention_heads < 1 or self.hidden_dim % self.attention_heads:
+            raise ValueError("identity_network.attention_heads must be >= 1 and divide hidden_dim")
+        if self.reward_prior_init <= 0:
+            raise ValueError("identity_network.reward_prior_init must be > 0")
+        if self.correction_bound < 0:
+            raise ValueError("identity_network.correction_bound must be >= 0")
+
+
+@dataclass
+class IdentityTrainConfig(BanditLoopConfig):
+    """Bandit training of the identity policy: the shared loop settings (other defaults) plus augmentations."""
+
+    epochs: int = 40
+    """Passes over the training prompts; each draws fresh preferences, subsets, prices and actions."""
+    learning_rate: float = 1e-3
+    """Adam learning rate."""
+    entropy_coef_start: float = 0.02
+    """Entropy bonus at the start (decays linearly)."""
+    entropy_coef_end: float = 0.001
+    """Entropy bonus at the end."""
+    subset_probability: float = 0.5
+    """Probability that a training request offers a random subset of the pool instead of all of it."""
+    min_candidates: int = 2
+    """Smallest random subset offered (capped at the pool size)."""
+    price_jitter: float = 0.5
+    """Std of the log-normal factor on each offered price (and on the cost charged for it); 0 = off."""
+    quiz_augmentation: float = 0.3
+    """Probability that a candidate's identity is replaced by a posterior fitted from a small random quiz."""
+    quiz_sizes: list[int] = field(default_factory=lambda: [10, 20, 30, 50])
+    """Quiz sizes of those replacement posteriors."""
+    quiz_bank_size: int = 8
+    """Replacement posteriors precomputed per model."""
+    irt_pulls_per_prompt: int = 0
+    """Outcomes per prompt the IRT may see (random models, a sparse log); 0 = every logged outcome."""
+    irt: IrtConfig = field(default_factory=IrtConfig)
+    """The variational IRT model that gives each model its identity."""
+    network: IdentityNetworkConfig = field(default_factory=IdentityNetworkConfig)
+    """Network shape."""
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("subset_probability", "quiz_augmentation"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"train.{name} must be in [0, 1]")
+        if self.min_candidates < 1:
+            raise ValueError("train.min_candidates must be >= 1")
+        if self.price_jitter < 0:
+            raise ValueError("train.price_jitter must be >= 0")
+        if not self.quiz_sizes or min(self.quiz_sizes) < 1:
+            raise ValueError("train.quiz_sizes must be a non-empty list of sizes >= 1")
+        if self.quiz_bank_size < 0:
+            raise ValueError("train.quiz_bank_size must be >= 0")
+        if self.irt_pulls_per_prompt < 0:
+            raise ValueError("train.irt_pulls_per_prompt must be >= 0")
+        self.irt.validate()
+        self.network.validate()
+
+
+@dataclass
+class IdentityMeta:
+    """Everything besides the weights and the registry that an identity checkpoint carries."""
+
+    models: list[str]
+    """The pool when the checkpoint was written (informative: the registry is authoritative)."""
+    tau: float
+    """Cost normalisation: cost penalty = min(cost / tau, 1) (USD)."""
+    embed_dim: int
+    """Width of the prompt embedding the network expects."""
+    identity_dim: int
+    """Dimensions of a model's identity (IRT ability) vector."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """The frozen encoder the policy was trained on (must match at serve time)."""
+    encoder_id: str = ""
+    """The encoder's vector id (cache key); checked when serving."""
+    network: IdentityNetworkConfig = field(default_factory=IdentityNetworkConfig)
+    """Network shape."""
+    irt: IrtConfig = field(default_factory=IrtConfig)
+    """IRT settings (used again to fit new models' identities when onboarding)."""
+    registry_uri: str = ""
+    """Where the live registry lives ('' = registry.json next to the weights; or a path / s3:// URI)."""
+    policy_version: int = 0
+    """Monotonic version of these weights."""
+    created_at: float = 0.0
+    """Unix time the checkpoint was written."""
+    training: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance: training config, data fingerprint, metrics."""
+    format: int = CHECKPOINT_FORMAT
+    """Checkpoint format number."""
+    kind: str = KIND
+    """Policy family ('identity'); load_policy dispatches on it."""
+
+
+# --- network ---------------------------------------------------------------------------------
+
+
+class IdentityNetwork(nn.Module):
+    """Logit per offered candidate from (prompt, preference, identity, price); shared weights."""
+
+    N_EXTRA_FEATURES = 6  # p_hat, logit mean, logit std, price_n, w * price_n, (1 - w) * p_hat
+
+    def __init__(self, embed_dim: int, irt_config: IrtConfig, config: IdentityNetworkConfig):
+        super().__init__()
+        self.embed_dim, self.identity_dim = int(embed_dim), int(irt_config.dim)
+        self.config = config
+        self.item_maps = ItemMaps(embed_dim, irt_config)
+        self.item_maps.requires_grad_(False)  # frozen: fitted by the IRT, shared with onboarding
+        h = config.hidden_dim
+        self.preference_encoder = nn.Sequential(
+            nn.Linear(2, config.preference_dim), nn.ReLU(), nn.Linear(config.preference_dim, config.preference_dim), nn.ReLU()
+        )
+        self.prompt_proj = nn.Sequential(nn.Linear(embed_dim, config.prompt_dim), nn.ReLU())
+        n_feat = 2 * self.identity_dim + self.N_EXTRA_FEATURES
+        self.candidate_mlp = nn.Sequential(
+            nn.Linear(config.prompt_dim + config.preference_dim + n_feat, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU()
+        )
+        if config.set_attention:
+            self.attention = nn.MultiheadAttention(h, config.attention_heads, batch_first=True)
+            self.attention_norm = nn.LayerNorm(h)
+            self.attention_ff = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, h))
+        self.score_head = nn.Linear(h, 1)
+        with torch.no_grad():  # start as the plug-in router of the reward prior; learn corrections
+            self.score_head.weight.zero_()
+            self.score_head.bias.zero_()
+        self.value_head = nn.Sequential(nn.Linear(h + config.prompt_dim + config.preference_dim, h), nn.ReLU(), nn.Linear(h, 1))
+        # softplus^-1(init): beta starts at reward_prior_init
+        self.reward_prior_raw = nn.Parameter(torch.tensor(math.log(math.expm1(config.reward_prior_init))))
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        w_cost: torch.Tensor,
+        mu: torch.Tensor,
+        sigma: torch.Tensor,
+        price_norm: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked logits (B, K), value (B,)).
+
+        embeddings (B, D); w_cost (B,); mu, sigma (B or 1, K, d); price_norm
+        (B or 1, K) = min(price / tau, 1); mask (B, K) bool (True = offered).
+        """
+        emb = embeddings.float()
+        b_size = emb.shape[0]
+        k = mu.shape[1]
+        mu = mu.float().expand(b_size, k, -1)
+        sigma = sigma.float().expand(b_size, k, -1)
+        price_norm = price_norm.float().expand(b_size, k)
+        w = w_cost.reshape(-1, 1).float().expand(b_size, 1)
+        with torch.no_grad():
+            a, b = self.item_maps(emb)
+        mean, var = logit_moments(a[:, None, :], b[:, None], mu, sigma)  # (B, K)
+        p_hat = expected_probability(mean, var)
+        if not self.config.identity_features:
+            mu, sigma = torch.zeros_like(mu), torch.ones_like(sigma)
+        feats = torch.cat(
+            [
+                mu,
+                torch.log(sigma.clamp(min=1e-4)),
+                p_hat.unsqueeze(-1),
+                (mean / 4.0).clamp(-5, 5).unsqueeze(-1),
+                torch.sqrt(var).clamp(max=10).unsqueeze(-1),
+                price_norm.unsqueeze(-1),
+                (w * price_norm).unsqueeze(-1),
+                ((1 - w) * p_hat).unsqueeze(-1),
+            ],
+            dim=-1,
+        )
+        pref = self.preference_encoder(preference_features(w.reshape(-1)))  # (B, P)
+        px = self.prompt_proj(emb)  # (B, Hp)
+        if not self.config.prompt_features:
+            px = torch.zeros_like(px)
+        context = torch.cat([px, pref], dim=-1)
+        h = self.candidate_mlp(torch.cat([context[:, None, :].expand(b_size, k, -1), feats], dim=-1))  # (B, K, H)
+        if mask is None:
+            mask = torch.ones(b_size, k, dtype=torch.bool, device=emb.device)
+        mask = mask.bool()
+        if self.config.set_attention:
+            attn, _ = self.attention(h, h, h, key_padding_mask=~mask, need_weights=False)
+            h = self.attention_norm(h + attn)
+            h = h + self.attention_ff(h)
+        logits = self.score_head(h).squeeze(-1)
+        bound = self.config.correction_bound
+        if bound > 0:
+            logits = bound * torch.tanh(logits / bound)
+        if self.config.reward_prior:
+            beta = F.softplus(self.reward_prior_raw)
+            logits = logits + beta * ((1 - w) * p_hat - w * price_norm)
+        logits = logits.masked_fill(~mask, float("-inf"))
+        m = mask.unsqueeze(-1).float()
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        value = self.value_head(torch.cat([pooled, context], dim=-1)).squeeze(-1)
+        return logits, value
+
+
+# --- candidate masks -------------------------------------------------------------------------
+
+
+class CandidateMask(np.ndarray):
+    """A boolean (B, K) mask that remembers the pool (``models``) its columns refer to."""
+
+    models: list[str]
+
+    def __array_finalize__(self, obj) -> None:  # keep the pool through views and copies
+        self.models = getattr(obj, "models", None)
+
+
+def _as_candidate_mask(mask: np.ndarray, models: Sequence[str]) -> CandidateMask:
+    out = np.asarray(mask, dtype=bool).view(CandidateMask)
+    out.models = list(models)
+    return out
+
+
+# --- the policy --------------------------------------------------------------------------------
+
+
+@dataclass
+class IdentityDecisions(Decisions):
+    """Decisions plus the pool their indices refer to (the registry may change afterwards)."""
+
+    models: list[str] = field(default_factory=list)
+    """Model names: action k means models[k]; probabilities' columns follow it."""
+
+
+class IdentityPolicy:
+    """Identity network + registry (pool, identities, live prices) + tau + encoder.
+
+    Same public interface as :class:`banditroute.policy.barp.RoutingPolicy`
+    for serving (models, tau, policy_version, meta.encoder, meta.encoder_id,
+    candidate_mask, decide, state/from_state/load_weights, save/load), where
+    ``models`` is the registry's current pool.
+    """
+
+    kind = KIND
+
+    def __init__(
+        self,
+        meta: IdentityMeta,
+        registry: ModelRegistry,
+        network: IdentityNetwork | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        if registry.dim != meta.identity_dim:
+            raise ValueError(f"registry identities have {registry.dim} dimensions, the policy expects {meta.identity_dim}")
+        self.meta = meta
+        self.registry = registry
+        self.device = torch.device(device)
+        self.network = (network or IdentityNetwork(meta.embed_dim, meta.irt, meta.network)).to(self.device)
+        self.network.eval()
+
+    # --- what serving reads ------------------------------------------------------------
+
+    @property
+    def models(self) -> list[str]:
+        """The routable pool now (the registry's active models)."""
+        self.registry.maybe_refresh()
+        return self.registry.models
+
+    @property
+    def tau(self) -> float:
+        return self.meta.tau
+
+    @property
+    def policy_version(self) -> int:
+        return self.meta.policy_version
+
+    @property
+    def item_maps(self) -> ItemMaps:
+        """The frozen IRT item maps (quiz selection and identity fitting use them)."""
+        return self.network.item_maps
+
+    def candidate_mask(self, candidates: Sequence[Sequence[str] | None] | None, batch: int) -> CandidateMask:
+        """Boolean (B, K) mask over ``models`` from per-row lists of names (None = every model).
+
+        Unknown names raise UnknownModelError (a KeyError); an empty list
+        raises CandidateSetError. The mask remembers the pool it was built
+        against, so a registry change before :meth:`decide` is handled.
+        """
+        models = self.models
+        mask = np.ones((batch, len(models)), dtype=bool)
+        if candidates is not None:
+            if len(candidates) != batch:
+                raise CandidateSetError(f"{len(candidates)} candidate lists for a batch of {batch}")
+            index = {m: k for k, m in enumerate(models)}
+            for row, names in enumerate(candidates):
+                if names is None:
+                    continue
+                if len(names) == 0:
+                    raise CandidateSetError(f"request {row}: empty candidate set")
+                mask[row] = False
+                for name in names:
+                    if name not in index:
+                        raise UnknownModelError(f"request {row}: unknown model {name!r}; routable models: {models}")
+                    mask[row, index[name]] = True
+        if not models:
+            raise CandidateSetError("the registry holds no routable model")
+        return _as_candidate_mask(mask, models)
+
+    def _align_mask(self, mask, names: list[str], batch: int) -> np.ndarray:
+        if mask is None:
+            return np.ones((batch, len(names)), dtype=bool)
+        mask_models = getattr(mask, "models", None)
+        arr = np.asarray(mask, dtype=bool)
+        if arr.ndim == 1:
+            arr = np.broadcast_to(arr, (batch, arr.shape[0]))
+        if mask_models is not None and list(mask_models) != names:
+            # The pool changed since the mask was built: re-map its columns by name.
+            index = {m: k for k, m in enumerate(names)}
+            out = np.zeros((arr.shape[0], len(names)), dtype=bool)
+            for j, name in enumerate(mask_models):
+                if name in index:
+                    out[:, index[name]] = arr[:, j]
+            arr = out
+        elif arr.shape[1] != len(names):
+            raise CandidateSetError(f"candidate mask has {arr.shape[1]} columns but the pool has {len(names)} models")
+        if arr.shape[0] != batch:
+            raise CandidateSetError(f"candidate mask has {arr.shape[0]} rows for a batch of {batch}")
+        empty = ~arr.any(axis=1)
+        if empty.any():
+            raise CandidateSetError(f"request {int(np.flatnonzero(empty)[0])}: empty candidate set")
+        return arr
+
+    @torch.inference_mode()
+    def logits_for(
+        self,
+        embeddings,
+        w_cost,
+        mask=None,
+        names: Sequence[str] | None = None,
+        prices: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, list[str]]:
+        """(masked logits (B, K), the K model names they refer to), from ONE registry snapshot."""
+        self.network.eval()
+        self.registry.maybe_refresh()
+        pool, mu, sigma, price = self.registry.snapshot(names)
+        if not pool:
+            raise CandidateSetError("no candidate: the registry holds no routable model" if names is None else "empty candidate set")
+        if prices is not None:
+            price = np.asarray(prices, dtype=np.float64)
+            if price.shape != (len(pool),) or not np.isfinite(price).all() or (price < 0).any():
+                raise ValueError(f"prices must be {len(pool)} finite numbers >= 0")
+        # numpy or torch inputs (torch tensors may already be on the policy's device: serving)
+        if torch.is_tensor(embeddings):
+            emb = embeddings.to(self.device, torch.float32)
+        else:
+            emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32), device=self.device)
+        if emb.ndim == 1:
+            emb = emb.unsqueeze(0)
+        if emb.shape[1] != self.meta.embed_dim:
+            raise ValueError(f"embeddings of width {emb.shape[1]}, the policy expects {self.meta.embed_dim}")
+        b_size = emb.shape[0]
+        if torch.is_tensor(w_cost):
+            w = w_cost.to(self.device, torch.float32).reshape(-1)
+        else:
+            w = torch.as_tensor(np.asarray(w_cost, dtype=np.float32), device=self.device).reshape(-1)
+        if w.numel() == 1 and b_size != 1:
+            w = w.expand(b_size)
+        if w.numel() != b_size:
+            raise ValueError(f"{w.numel()} preferences for a batch of {b_size}")
+        if torch.is_tensor(mask):
+            mask_t = mask.to(self.device, torch.bool)
+            if mask_t.shape != (b_size, len(pool)):
+                raise CandidateSetError(f"candidate mask of shape {tuple(mask_t.shape)}, expected ({b_size}, {len(pool)})")
+            if not bool(mask_t.any(dim=1).all()):
+                raise CandidateSetError("a request has an empty candidate set")
+        else:
+            mask_t = torch.as_tensor(self._align_mask(mask, pool, b_size), device=self.device)
+        price_n = torch.as_tensor(np.minimum(price / self.meta.tau, 1.0), dtype=torch.float32, device=self.device)
+        logits, _ = self.network(
+            emb,
+            w,
+            torch.as_tensor(mu, device=self.device)[None],
+            torch.as_tensor(sigma, device=self.device)[None],
+            price_n[None],
+            mask_t,
+        )
+        return logits, pool
+
+    def logits(self, embeddings, w_cost, mask=None) -> torch.Tensor:
+        """Masked logits (B, K) over ``models`` (same call as RoutingPolicy.logits; numpy or
+        device tensors). Build the mask from ``models`` read just before: the pool is live."""
+        return self.logits_for(embeddings, w_cost, mask)[0]
+
+    def decide(
+        self,
+        embeddings,
+        w_cost,
+        mask=None,
+        explore: bool = False,
+        generator: torch.Generator | None = None,
+        prices: Sequence[float] | None = None,
+    ) -> IdentityDecisions:
+        """Route a batch: sample (explore) or argmax (greedy) over each row's candidates."""
+        logits, pool = self.logits_for(embeddings, w_cost, mask, prices=prices)
+        actions, props, probs = sample_actions(logits, generator) if explore else greedy_actions(logits)
+        stacked = torch.cat([actions.unsqueeze(1).float(), props.unsqueeze(1), probs], dim=1).cpu().numpy()
+        return IdentityDecisions(stacked[:, 0].astype(np.int64), stacked[:, 1], stacked[:, 2:], models=pool)
+
+    def probabilities(self, embeddings, w_cost, candidates: Sequence[str]) -> dict[str, np.ndarray]:
+        """{model: probability (B,)} when only ``candidates`` (in any order) are offered."""
+        if len(candidates) == 0:
+            raise CandidateSetError("empty candidate set")
+        logits, pool = self.logits_for(embeddings, w_cost, None, names=list(candidates))
+        probs = torch.softmax(logits, dim=-1).cpu().numpy()
+        return {name: probs[:, k] for k, name in enumerate(pool)}
+
+    # --- weights snapshots ---------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Picklable snapshot: numpy weights, meta and the registry document."""
+        return {
+            "kind": KIND,
+            "weights": {k: v.detach().cpu().numpy() for k, v in self.network.state_dict().items()},
+            "meta": to_dict(self.meta),
+            "registry": self.registry.to_dict(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: str | torch.device = "cpu") -> "IdentityPolicy":
+        meta = from_dict(IdentityMeta, state["meta"])
+        policy = cls(meta, ModelRegistry.from_dict(state["registry"]), device=device)
+        policy.load_weights(state["weights"], state["meta"].get("policy_version", 0))
+        return policy
+
+    def load_weights(self, weights: dict[str, Any], policy_version: int) -> None:
+        """Swap in new weights in place (same architecture) and take their version."""
+        tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
+        self.network.load_state_dict(tensors)
+        self.network.item_maps.requires_grad_(False)
+        self.meta.policy_version = int(policy_version)
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike, registry_path: str | os.PathLike | None = None) -> Path:
+        """Write policy.pt, meta.json and the registry (``registry.json`` beside them unless
+        the meta names another location); returns the directory."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.meta.created_at = time.time()
+        self.meta.models = self.registry.models
+        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        torch.save({k: v.detach().cpu() for k, v in self.network.state_dict().items()}, tmp)
+        os.replace(tmp, directory / WEIGHTS_FILE)
+        target = registry_path or self.meta.registry_uri or directory / REGISTRY_FILE
+        self.registry.save(target)
+        meta_tmp = directory / (META_FILE + ".tmp")
+        meta_tmp.write_text(json.dumps(to_dict(self.meta), indent=2))
+        os.replace(meta_tmp, directory / META_FILE)
+        return directory
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", registry_refresh_s: float | None = None
+    ) -> "IdentityPolicy":
+        """Load a checkpoint; the registry is opened at its live location (refreshed every
+        ``registry_refresh_s`` seconds when set, so another process's price change applies)."""
+        directory = Path(directory)
+        if not (directory / META_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
+            raise FileNotFoundError(f"{directory}: not a policy checkpoint (needs {META_FILE} and {WEIGHTS_FILE})")
+        raw = json.loads((directory / META_FILE).read_text())
+        if raw.get("kind") != KIND:
+            raise ValueError(f"{directory}: a {raw.get('kind', 'barp')!r} checkpoint, not an identity policy")
+        meta = from_dict(IdentityMeta, raw)
+        if meta.format != CHECKPOINT_FORMAT:
+            raise ValueError(f"{directory}: checkpoint format {meta.format}, this version reads {CHECKPOINT_FORMAT}")
+        registry = ModelRegistry.load(meta.registry_uri or directory / REGISTRY_FILE, auto_refresh_s=registry_refresh_s)
+        policy = cls(meta, registry, device=device)
+        weights = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        policy.network.load_state_dict(weights)
+        policy.network.item_maps.requires_grad_(False)
+        return policy
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def registry_from_irt(irt: IrtModel, data: RoutingData, prices: dict[str, float] | None = None) -> ModelRegistry:
+    """A registry of the IRT's models: identity = posterior, price = mean logged cost per call."""
+    mu, sigma = irt.posterior()
+    entries = []
+    for k, name in enumerate(irt.models):
+        col = data.model_index(name)
+        price = (prices or {}).get(name, float(np.mean(data.costs[:, col])))
+        entries.append(
+            ModelEntry(
+                name=name,
+                price=price,
+                mu=[float(v) for v in mu[k]],
+                sigma=[float(v) for v in sigma[k]],
+                n_observations=int((~np.isnan(data.scores[:, col])).sum()),
+                source="irt",
+                added_at=time.time(),
+            )
+        )
+    return ModelRegistry(irt.dim, entries)
+
+
+def sparse_log_scores(scores: np.ndarray, pulls_per_prompt: int, rng: np.random.Generator) -> np.ndarray:
+    """Keep ``pulls_per_prompt`` random observed outcomes per prompt (the rest NaN): a sparse log."""
+    out = np.full_like(scores, np.nan)
+    n, k = scores.shape
+    for i in range(n):
+        keep = rng.permutation(k)[:pulls_per_prompt]
+        out[i, keep] = scores[i, keep]
+    return out
+
+
+def quiz_bank(
+    item_maps: ItemMaps,
+    embeddings: np.ndarray,
+    scores: np.ndarray,
+    config: IdentityTrainConfig,
+    rng: np.random.Generator,
+    population: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma), each (K, R, d): R posteriors per model, each fitted from a small random quiz
+    under the population prior (as onboarding does), ``population`` = (mu, sigma) of the pool."""
+    n, k = scores.shape
+    r = config.quiz_bank_size
+    cols = np.full((n, k * r), np.nan, dtype=np.float32)
+    for m in range(k):
+        observed = np.flatnonzero(~np.isnan(scores[:, m]))
+        for j in range(r):
+            size = min(int(rng.choice(config.quiz_sizes)), len(observed))
+            if size == 0:
+                continue
+            rows = rng.choice(observed, size=size, replace=False)
+            cols[rows, m * r + j] = scores[rows, m]
+    prior_mu, prior_std = population_prior(*population) if population is not None and len(population[0]) >= 2 else (None, None)
+    mu, sigma = fit_identities(item_maps, embeddings, cols, config.irt, prior_std=prior_std, prior_mu=prior_mu)
+    d = item_maps.dim
+    return mu.reshape(k, r, d), sigma.reshape(k, r, d)
+
+
+def train_identity_policy(
+    data: RoutingData,
+    embeddings: np.ndarray,
+    config: IdentityTrainConfig,
+    encoder_config: EncoderConfig,
+    encoder_id: str,
+    tau: float | None = None,
+    irt: IrtModel | None = None,
+    device: str = "cpu",
+):
+    """Fit the IRT (unless given), then train the identity policy under bandit feedback.
+
+    Returns (policy, environment with the pull log, per-epoch metrics).
+    """
+    from banditroute.policy.train import BanditEnvironment, bandit_training_loop
+
+    config.validate()
+    if len(data) != len(embeddings):
+        raise ValueError(f"{len(data)} prompts but {len(embeddings)} embeddings")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    aug_rng = np.random.default_rng([config.seed, 1])
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+
+    tau = fit_tau(data.costs, config.tau_quantile) if tau is None else float(tau)
+    if irt is None:
+        scores = data.scores
+        if config.irt_pulls_per_prompt > 0:
+            scores = sparse_log_scores(scores, config.irt_pulls_per_prompt, np.random.default_rng([config.seed, 2]))
+        irt_cfg = IrtConfig(**{**asdict(config.irt), "seed": config.seed})
+        irt = fit_irt(embeddings, scores, data.models, irt_cfg)
+    elif list(irt.models) != list(data.models):
+        raise ValueError(f"the IRT model knows {irt.models}, the data has {list(data.models)}")
+    registry = registry_from_irt(irt, data)
+
+    meta = IdentityMeta(
+        models=list(data.models),
+        tau=tau,
+        embed_dim=int(embeddings.shape[1]),
+        identity_dim=irt.dim,
+        encoder=encoder_config,
+        encoder_id=encoder_id,
+        network=config.network,
+        irt=irt.config,
+    )
+    policy = IdentityPolicy(meta, registry, device=device)
+    net = policy.network
+    net.item_maps.load_state_dict(irt.item_maps.state_dict())
+    net.item_maps.requires_grad_(False)
+
+    k = data.n_models
+    _, mu_all, sigma_all, price_all = registry.snapshot(list(data.models))
+    if config.quiz_augmentation > 0 and config.quiz_bank_size > 0:
+        bank_mu, bank_sigma = quiz_bank(net.item_maps, embeddings, data.scores, config, aug_rng, (mu_all, sigma_all))
+    else:
+        bank_mu = bank_sigma = None
+    env = BanditEnvironment(data, tau)
+    emb_all = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
+    mu_t = torch.as_tensor(mu_all, device=device)
+    sigma_t = torch.as_tensor(sigma_all, device=device)
+    lo = min(config.min_candidates, k)
+
+    def step(rows: np.ndarray, w: np.ndarray, w_t: torch.Tensor):
+        b_size = len(rows)
+        # candidate subsets: keep the `size` models with the smallest random keys
+        mask = np.ones((b_size, k), dtype=bool)
+        subset = aug_rng.random(b_size) < config.subset_probability
+        if subset.any() and lo < k:
+            sizes = aug_rng.integers(lo, k + 1, size=b_size)
+            ranks = np.argsort(np.argsort(aug_rng.random((b_size, k)), axis=1), axis=1)
+            mask = np.where(subset[:, None], ranks < sizes[:, None], True)
+        # identities: the full posterior, or (sometimes) a small-quiz posterior
+        mu_b = mu_t.unsqueeze(0).expand(b_size, k, -1).clone()
+        sigma_b = sigma_t.unsqueeze(0).expand(b_size, k, -1).clone()
+        if bank_mu is not None:
+            swap = aug_rng.random((b_size, k)) < config.quiz_augmentation
+            if swap.any():
+                pick = aug_rng.integers(0, bank_mu.shape[1], size=(b_size, k))
+                ii, kk = np.nonzero(swap)
+                mu_b[ii, kk] = torch.as_tensor(bank_mu[kk, pick[ii, kk]], device=device)
+                sigma_b[ii, kk] = torch.as_tensor(bank_sigma[kk, pick[ii, kk]], device=device)
+        # prices: log-normal jitter, charged by the environment too
+        scale = np.exp(config.price_jitter * aug_rng.standard_normal((b_size, k))) if config.price_jitter > 0 else np.ones((b_size, k))
+        price_n = torch.as_tensor(np.minimum(price_all[None, :] * scale / tau, 1.0), dtype=torch.float32, device=device)
+        mask_t = torch.as_tensor(mask, device=device)
+        logits, value = net(emb_all[rows], w_t, mu_b, sigma_b, price_n, mask_t)
+        # A finite stand-in for -inf on non-offered models: losses.entropy computes
+        # where(p > 0, p * logp, 0), whose gradient is NaN at logp = -inf.
+        logits = logits.masked_fill(~mask_t, TRAIN_MASKED_LOGIT)
+        return logits, value, scale
+
+    with single_threaded_torch():
+        history = bandit_training_loop(
+            net, step, env, config, rng, generator, device, desc="training identity policy (bandit feedback)"
+        )
+    net.eval()
+    meta.training = {
+        "config": to_dict(config),
+        "data_fingerprint": data.fingerprint(),
+        "n_prompts": len(data),
+        "final_mean_reward": history[-1]["mean_reward"],
+        "pulls": int(sum(len(p["row"]) for p in env.pulls)),
+        "irt_observations": int((~np.isnan(data.scores)).sum()) if config.irt_pulls_per_prompt == 0 else len(data) * config.irt_pulls_per_prompt,
+    }
+    return policy, env, history

@@ -1,0 +1,239 @@
+"""Typed configuration of the serving side (`banditroute serve`, `build_app`).
+
+Load it with ``banditroute.core.config.load_config(RouterConfig, path, overrides)``
+or ``load_router_config`` below, which also accepts a combined project YAML
+whose router settings live under a ``serve:`` section. Secrets never go in
+the YAML: an upstream names the ENVIRONMENT VARIABLE that holds its API key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from banditroute.core.config import ConfigError, load_config
+from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR
+from banditroute.core.security import SecurityConfig
+
+ROUTE_MODES = ("explore", "greedy")
+
+
+@dataclass
+class UpstreamConfig:
+    """An OpenAI-compatible endpoint that serves one model of the pool."""
+
+    base_url: str
+    """Base URL; requests go to ``base_url + '/chat/completions'`` (e.g. https://api.openai.com/v1)."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key (sent as a Bearer token); None = no auth."""
+    model: str | None = None
+    """Model id the upstream expects in the request body; None = the pool model's own name."""
+    timeout_s: float = 60.0
+    """Total time allowed for one upstream call (a stream: until the first byte); then 504."""
+
+    def check(self, name: str) -> None:
+        """Validation with the pool model's name in the message (called by RouterConfig.validate)."""
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"upstreams.{name}.base_url must start with http:// or https://, got {self.base_url!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"upstreams.{name}.timeout_s must be > 0")
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+@dataclass
+class ReplayConfig:
+    """The replay upstream: answers as "model X" with X's logged response (demos, tests, benches)."""
+
+    enabled: bool = False
+    """Start the replay server with the app; models without an explicit upstream are sent to it."""
+    data_path: str | None = None
+    """Routing data with ``<model>|model_response`` columns; None = ../shared/data/routerbench/train.parquet."""
+    host: str = "127.0.0.1"
+    """Interface the replay server binds (loopback by default)."""
+    port: int = 0
+    """Port of the replay server; 0 = a free port chosen at start."""
+    stream_chunk_chars: int = 48
+    """Characters of the logged answer per SSE chunk when the client asks for stream=true."""
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("replay.port must be in [0, 65535]")
+        if self.stream_chunk_chars < 1:
+            raise ValueError("replay.stream_chunk_chars must be >= 1")
+
+
+@dataclass
+class PreferenceConfig:
+    """Quality/cost weights; normalised onto the simplex (w_cost = cost / (quality + cost))."""
+
+    quality: float = 0.7
+    """Weight of answer quality."""
+    cost: float = 0.3
+    """Weight of USD cost."""
+
+    def validate(self) -> None:
+        from banditroute.policy.reward import PreferenceError, preference_to_w_cost
+
+        try:
+            preference_to_w_cost(self.quality, self.cost)
+        except PreferenceError as exc:
+            raise ValueError(f"default_{exc}") from None
+
+
+@dataclass
+class RouterConfig:
+    """The router application: policy, replicas, batching, HTTP, upstreams, logging, weights refresh."""
+
+    policy: str | None = None
+    """Policy checkpoint folder (policy.pt + meta.json); None = take the newest weights from the parameter server."""
+    app_name: str = "banditroute"
+    """Serve application name (``serve.get_app_handle(app_name)``)."""
+    route_prefix: str = "/"
+    """HTTP route prefix of the application."""
+    host: str = "127.0.0.1"
+    """Interface Serve's HTTP proxy binds (`banditroute serve` only; Serve has one proxy per node)."""
+    port: int = 8000
+    """Port of Serve's HTTP proxy (`banditroute serve`; also used to reach the replay server through it)."""
+    router_model_name: str = "banditroute"
+    """Model name clients send (OpenAI API) to be routed; any pool model name is passed through unrouted."""
+    num_replicas: int = 1
+    """Router replicas (batched inference)."""
+    ingress_replicas: int = 1
+    """HTTP ingress replicas (parsing, upstream proxying)."""
+    max_batch_size: int = 64
+    """Most requests one Router replica encodes in one forward pass."""
+    batch_wait_timeout_s: float = 0.002
+    """How long a replica waits to fill a batch once the first request is queued."""
+    max_ongoing_requests: int = 512
+    """Requests one Router replica accepts at once (>= max_batch_size; the rest queue in the caller)."""
+    ingress_max_ongoing_requests: int = 1024
+    """Requests one ingress replica accepts at once."""
+    device: str = "auto"
+    """Torch device of the encoder and policy: 'auto' (CUDA when the replica sees one), 'cpu', 'cuda[:N]'."""
+    num_cpus: float = 1.0
+    """Logical CPUs reserved per Router replica."""
+    num_gpus: float | str = "auto"
+    """GPUs per Router replica; 'auto' = 1 when the process building the app sees CUDA, else 0."""
+    ingress_num_cpus: float = 0.5
+    """Logical CPUs reserved per ingress replica."""
+    torch_threads: int = 0
+    """torch.set_num_threads in each Router replica; 0 = max(1, round(num_cpus)) on CPU, untouched on GPU."""
+    tokenizers_parallelism: bool | None = None
+    """Rust tokenizer threads in Router replicas; None = on for CUDA replicas (the host tokenizer bounds them), off on CPU."""
+    seed: int | None = None
+    """Seed of the exploration sampler (tests); None = fresh randomness per replica."""
+    exploration_floor: float = DEFAULT_EXPLORATION_FLOOR
+    """Least probability of each candidate in explore mode (policy.exploration; min(floor, 1/K) with K candidates)."""
+    exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING
+    """Largest probability of any candidate in explore mode (max(ceiling, 1/K)); keep equal to learner.promotion's."""
+    default_preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """Preference used when a request gives none."""
+    # Explore is the default: the system learns online, and only sampled decisions
+    # (with their propensity < 1 logged) give the learner unbiased off-policy
+    # signal about the models it did not pick; greedy traffic teaches it nothing
+    # about alternatives. The sampler is the policy's own softmax, which the
+    # training entropy schedule keeps sharp, so the cost of exploring is small.
+    # Callers that need determinism send "mode": "greedy".
+    default_mode: str = "explore"
+    """'explore' (sample from the policy, propensity logged) or 'greedy' (argmax) when a request gives none."""
+    max_prompt_chars: int = 100_000
+    """Longest prompt (or concatenated chat messages) accepted, in characters; longer -> 413."""
+    max_batch_requests: int = 256
+    """Most prompts in one /v1/route/batch call; more -> 413."""
+    fallback_model: str | None = None
+    """Pool model to forward to when the chosen model's upstream fails (None = return 502/504)."""
+    decision_sink: str = "local"
+    """Registered decision sink (serve.decision_sinks.DECISION_SINKS): 'local', 'null', ..."""
+    decision_sink_options: dict[str, Any] = field(default_factory=lambda: {"path": "runs/decisions"})
+    """Options handed to the sink's constructor (local: path, fsync, max_rows_per_file)."""
+    parameter_server_name: str | None = None
+    """Named ParameterServer actor to long-poll for new weights; None = serve static weights."""
+    parameter_server_namespace: str | None = "banditroute"
+    """Ray namespace of that actor (= learner.param_server.NAMESPACE; replicas themselves run in 'serve')."""
+    learner_actor_name: str | None = None
+    """Named learner actor (namespace parameter_server_namespace) behind /v1/admin/policy/*; None = those routes answer 404."""
+    weights_poll_timeout_s: float = 10.0
+    """Long-poll timeout of one wait_for_newer call (also the replica's heartbeat period)."""
+    weights_retry_max_s: float = 30.0
+    """Longest back-off between attempts while the parameter server is missing or restarting."""
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    """Per pool model: its OpenAI-compatible upstream."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """The replay upstream (answers with logged responses)."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """Signed decision tokens (secret from an env var), API keys per endpoint group, body and reward limits."""
+
+    def validate(self) -> None:
+        if self.policy is None and self.parameter_server_name is None:
+            raise ValueError("policy: a checkpoint path is required unless parameter_server_name is set")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be in [0, 65535]")
+        if not self.router_model_name:
+            raise ValueError("router_model_name must not be empty")
+        for name in ("num_replicas", "ingress_replicas", "max_batch_size", "max_ongoing_requests",
+                     "ingress_max_ongoing_requests", "max_prompt_chars", "max_batch_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be >= max_batch_size")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError("batch_wait_timeout_s must be >= 0")
+        if self.num_cpus < 0 or self.ingress_num_cpus < 0:
+            raise ValueError("num_cpus and ingress_num_cpus must be >= 0")
+        if isinstance(self.num_gpus, str):
+            if self.num_gpus != "auto":
+                raise ValueError(f"num_gpus must be a number or 'auto', got {self.num_gpus!r}")
+        elif self.num_gpus < 0:
+            raise ValueError("num_gpus must be >= 0")
+        if self.torch_threads < 0:
+            raise ValueError("torch_threads must be >= 0")
+        from banditroute.policy.exploration import check_bounds
+
+        check_bounds(self.exploration_floor, self.exploration_ceiling)
+        if self.default_mode not in ROUTE_MODES:
+            raise ValueError(f"default_mode must be one of {list(ROUTE_MODES)}, got {self.default_mode!r}")
+        if self.weights_poll_timeout_s <= 0 or self.weights_retry_max_s <= 0:
+            raise ValueError("weights_poll_timeout_s and weights_retry_max_s must be > 0")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError("route_prefix must start with '/'")
+        from banditroute.serve.decision_sinks import DECISION_SINKS
+
+        if self.decision_sink not in DECISION_SINKS:
+            raise ValueError(f"decision_sink: unknown sink {self.decision_sink!r}; known: {sorted(DECISION_SINKS)}")
+        for name, up in self.upstreams.items():
+            up.check(name)
+        if self.fallback_model is not None and self.fallback_model == self.router_model_name:
+            raise ValueError("fallback_model must be a pool model, not the router's own name")
+
+    def resolved_num_gpus(self) -> float:
+        """num_gpus with 'auto' decided here (the process building the app)."""
+        if isinstance(self.num_gpus, str):
+            try:
+                import torch
+
+                return 1.0 if torch.cuda.is_available() else 0.0
+            except Exception:  # no torch in this process: nothing to schedule on
+                return 0.0
+        return float(self.num_gpus)
+
+
+def load_router_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> RouterConfig:
+    """RouterConfig from a YAML file (whole file, or its ``serve:`` section) plus dotted overrides."""
+    if path is None:
+        return load_config(RouterConfig, None, overrides)
+    import yaml
+
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    section = loaded.get("serve") if isinstance(loaded.get("serve"), dict) else loaded
+    from banditroute.core.config import OverrideText, from_dict, set_dotted
+
+    data = dict(section)
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, OverrideText(value) if isinstance(value, str) else value)
+    return from_dict(RouterConfig, data)
