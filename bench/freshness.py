@@ -91,9 +91,10 @@ def main() -> int:
     from banditroute.feedback.actor import get_or_create_feedback_actor
     from banditroute.learner.actor import get_or_create_learner_actor
     from banditroute.learner.loop import UpConfig, _wait_healthy, free_port, starting_policy
-    from banditroute.learner.param_server import NAMESPACE, get_or_create_parameter_server
+    from banditroute.core.names import NAMESPACE
+    from banditroute.learner.param_server import get_or_create_parameter_server
     from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
-    from banditroute.serve.app import build_app
+    from banditroute.cluster.app import build_app
     from banditroute.serve.config import RouterConfig
     from banditroute.core.storage import StorageConfig
 

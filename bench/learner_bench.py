@@ -123,7 +123,8 @@ def bench_throughput(args) -> dict:
 
     from banditroute.feedback.actor import get_or_create_feedback_actor
     from banditroute.learner.actor import get_or_create_learner_actor
-    from banditroute.learner.param_server import NAMESPACE, get_or_create_parameter_server
+    from banditroute.core.names import NAMESPACE
+    from banditroute.learner.param_server import get_or_create_parameter_server
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:

@@ -85,7 +85,7 @@ def _start_server(args, tmp: str) -> tuple[str, object]:
     import ray
     from ray import serve
 
-    from banditroute.serve.app import build_app
+    from banditroute.cluster.app import build_app
     from banditroute.serve.config import load_router_config
 
     from banditroute.learner.loop import free_port

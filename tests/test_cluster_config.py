@@ -128,7 +128,7 @@ def test_serve_config_validates_and_matches_k8s():
 
 def test_build_app_accepts_the_storage_arg(tmp_path):
     """The args of both the generated config and k8s serveConfigV2 build the application."""
-    from banditroute.serve.app import build_app
+    from banditroute.cluster.app import build_app
     from banditroute.serve.testing import write_fixture
 
     policy_path, _ = write_fixture(tmp_path, n=8)

@@ -13,7 +13,8 @@ import uuid
 import httpx
 import pytest
 
-from banditroute.cluster.online import OnlineConfig, actor_names
+from banditroute.cluster.online import OnlineConfig
+from banditroute.core.names import ActorNames
 from banditroute.policy.checkpoint import fetch_policy_folder
 from banditroute.feedback.log import EventLog
 from banditroute.learner.checkpoint import list_checkpoints
@@ -35,7 +36,7 @@ def test_fetch_policy_folder_rejects_a_folder_without_meta(tmp_path):
 
 
 def test_build_app_without_a_starting_point_names_initial_policy(ray_cluster, tmp_path):
-    from banditroute.serve.app import build_app
+    from banditroute.cluster.app import build_app
 
     with pytest.raises(ValueError, match=r"online\.initial_policy"):
         build_app({"num_gpus": 0, "storage": {"uri": str(tmp_path / "empty")}, "online": {"enabled": True, "actor_prefix": "t-none"}})
@@ -52,14 +53,14 @@ def test_online_app_starts_the_loop_on_s3_and_resumes(serve_instance, tmp_path, 
     from ray import serve
 
     from banditroute.learner.loop import _wait_healthy
-    from banditroute.learner.param_server import NAMESPACE
-    from banditroute.serve.app import build_app
+    from banditroute.core.names import NAMESPACE
+    from banditroute.cluster.app import build_app
     from banditroute.serve.testing import write_fixture
 
     policy_path, _ = write_fixture(tmp_path, n=8)
     seed_uri = _upload_policy(policy_path, s3_storage_config, "seed-policy")
     prefix = f"t{uuid.uuid4().hex[:8]}"
-    names = actor_names(prefix)
+    names = ActorNames.for_prefix(prefix).as_dict()
     storage = {k: v for k, v in vars(s3_storage_config).items()}
     prices = {"big-model": 0.02, "mid-model": 0.002, "small-model": 0.0002}
     args = {

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from banditroute.feedback.http import ack_to_http
+from banditroute.serve.feedback_endpoint import ack_to_http
 from banditroute.feedback.log import EventLog
 from banditroute.feedback.service import FeedbackConfig, FeedbackService
 from banditroute.feedback.spool import LocalSpool, SpoolFull

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from banditroute.feedback.http import FeedbackError, parse_feedback_body
+from banditroute.serve.feedback_endpoint import FeedbackError, parse_feedback_body
 from banditroute.core.security import TOKEN_ERROR_KINDS, TokenError, sign, verify
 from banditroute.serve.protocol import (
     RequestError,

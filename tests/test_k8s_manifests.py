@@ -48,7 +48,7 @@ Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are ~1 MB eac
 SUPPORTED_KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "patches", "images", "namespace"}
 SUPPORTED_PATCH_TARGET_KEYS = {"group", "version", "kind", "name"}
 APP_NAME = "banditroute"
-IMPORT_PATH = "banditroute.serve.app:build_app"
+IMPORT_PATH = "banditroute.cluster.app:build_app"
 DEPLOYMENTS = {"RouterIngress", "Router"}
 SECRET_LIKE_ENV = re.compile(r"KEY|SECRET|PASSWORD|TOKEN", re.IGNORECASE)
 

@@ -46,7 +46,8 @@ def test_gate_pin_and_restart_on_ray(ray_cluster, problem, tmp_path):
     import ray
 
     from banditroute.learner.actor import get_or_create_learner_actor
-    from banditroute.learner.param_server import NAMESPACE, get_or_create_parameter_server
+    from banditroute.core.names import NAMESPACE
+    from banditroute.learner.param_server import get_or_create_parameter_server
 
     data, _, enc_id = problem
     prefix = f"g{uuid.uuid4().hex[:8]}"

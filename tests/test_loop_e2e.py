@@ -45,8 +45,9 @@ def loop(serve_instance, tmp_path):
     from banditroute.feedback.actor import get_or_create_feedback_actor
     from banditroute.learner.actor import get_or_create_learner_actor
     from banditroute.learner.loop import _wait_healthy
-    from banditroute.learner.param_server import NAMESPACE, get_or_create_parameter_server
-    from banditroute.serve.app import build_app
+    from banditroute.core.names import NAMESPACE
+    from banditroute.learner.param_server import get_or_create_parameter_server
+    from banditroute.cluster.app import build_app
     from banditroute.serve.config import RouterConfig
     from banditroute.serve.testing import hashing_policy
 

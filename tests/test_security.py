@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from banditroute.core.config import ConfigError, from_dict
-from banditroute.feedback.http import FeedbackError, ack_to_http, parse_feedback_body
+from banditroute.serve.feedback_endpoint import FeedbackError, ack_to_http, parse_feedback_body
 from banditroute.core.security import (
     Security,
     SecurityConfig,

@@ -71,7 +71,7 @@ def deployed(serve_http_port, tmp_path_factory):
     from ray import serve
 
     from banditroute.core.data import load_routing_data
-    from banditroute.serve.app import build_app
+    from banditroute.cluster.app import build_app
     from banditroute.serve.testing import write_fixture
 
     folder = tmp_path_factory.mktemp("serve_app")
@@ -395,8 +395,8 @@ def test_router_deployment_in_local_testing_mode(tmp_path):
 
 
 def test_build_app_from_string_args(tmp_path):
-    """`serve run banditroute.serve.app:build_app policy=... num_replicas=2` passes strings."""
-    from banditroute.serve.app import build_app
+    """`serve run banditroute.cluster.app:build_app policy=... num_replicas=2` passes strings."""
+    from banditroute.cluster.app import build_app
     from banditroute.serve.testing import write_fixture
 
     policy_path, data_path = write_fixture(tmp_path, n=8)

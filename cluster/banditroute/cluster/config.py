@@ -31,7 +31,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from banditroute.cluster.online import OnlineConfig, actor_names
+from banditroute.cluster.online import OnlineConfig
+from banditroute.core.names import ActorNames
 from banditroute.core.config import ConfigError, OverrideText, from_dict, set_dotted
 from banditroute.feedback.service import FeedbackConfig
 from banditroute.learner.config import LearnerConfig
@@ -198,7 +199,7 @@ def app_config_from_dict(
             section = from_dict(OnlineConfig, online, prefix="online")
             router = merged.setdefault("router", {})
             if section.enabled and isinstance(router, dict) and router.get("parameter_server_name") is None:
-                router["parameter_server_name"] = actor_names(section.actor_prefix)["parameter_server"]
+                router["parameter_server_name"] = ActorNames.for_prefix(section.actor_prefix).parameter_server
         return from_dict(AppConfig, merged)
     except ConfigError:
         raise

@@ -21,7 +21,7 @@ from banditroute.cluster.config import AppConfig
 from banditroute.core.config import to_dict
 from banditroute.serve.config import RouterConfig
 
-IMPORT_PATH = "banditroute.serve.app:build_app"
+IMPORT_PATH = "banditroute.cluster.app:build_app"
 """The Serve application builder every config points at."""
 INGRESS_DEPLOYMENT = "RouterIngress"
 ROUTER_DEPLOYMENT = "Router"

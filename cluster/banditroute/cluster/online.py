@@ -58,10 +58,6 @@ class OnlineConfig:
             raise ValueError("online.learner_num_cpus and online.feedback_num_cpus must be >= 0")
 
 
-def actor_names(prefix: str) -> dict[str, str]:
-    return {"feedback": f"{prefix}-feedback", "learner": f"{prefix}-learner", "parameter_server": f"{prefix}-parameter-server"}
-
-
 def initial_policy_state(location: str, storage: StorageConfig | None) -> dict[str, Any]:
     """``RoutingPolicy.state()`` of the BaRP checkpoint at ``location``."""
     from banditroute.policy.checkpoint import load_barp_policy
@@ -84,7 +80,7 @@ def start_online_loop(
 ) -> RouterConfig:
     """Create/find the loop's actors; return ``router`` wired to them (weights pulled, decisions sent)."""
     from banditroute.learner.loop import ensure_online_loop
-    from banditroute.learner.param_server import NAMESPACE
+    from banditroute.core.names import NAMESPACE
 
     online.validate()
     # The promotion gate must score what the replicas serve: one source for the exploration bounds.

@@ -34,12 +34,10 @@ import pyarrow as pa
 from banditroute.core.config import from_dict
 from banditroute.feedback.log import EventLog
 from banditroute.feedback.service import BatchRejected, FeedbackConfig, FeedbackService
-from banditroute.learner.param_server import NAMESPACE
+from banditroute.core.names import FEEDBACK_ACTOR_NAME, LEARNER_ACTOR_NAME, NAMESPACE
 from banditroute.core.records import DecisionRecord, RewardRecord, decisions_from_table
 from banditroute.core.storage import StorageConfig, open_storage
 
-FEEDBACK_ACTOR_NAME = "banditroute-feedback"
-LEARNER_ACTOR_NAME = "banditroute-learner"
 
 logger = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from typing import Any
 import pyarrow as pa
 
 from banditroute.core.config import from_dict
-from banditroute.feedback.actor import LEARNER_ACTOR_NAME
+from banditroute.core.names import LEARNER_ACTOR_NAME
 from banditroute.learner.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -55,7 +55,7 @@ from banditroute.learner.checkpoint import (
     write_promotion_state,
 )
 from banditroute.learner.learner import LearnerConfig, OnlineLearner
-from banditroute.learner.param_server import NAMESPACE, PARAMETER_SERVER_NAME
+from banditroute.core.names import NAMESPACE, PARAMETER_SERVER_NAME
 from banditroute.learner.promotion import HoldoutBuffer, evaluate_candidate, split_holdout
 from banditroute.policy.barp import RoutingPolicy
 from banditroute.core.records import WeightsSnapshot

@@ -122,9 +122,9 @@ class UpConfig:
 
     @property
     def names(self) -> dict[str, str]:
-        from banditroute.cluster.online import actor_names
+        from banditroute.core.names import ActorNames
 
-        return actor_names(self.actor_prefix)
+        return ActorNames.for_prefix(self.actor_prefix).as_dict()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -429,13 +429,15 @@ def ensure_online_loop(
 
     from banditroute.feedback.actor import get_or_create_feedback_actor
     from banditroute.learner.actor import get_or_create_learner_actor
-    from banditroute.learner.param_server import NAMESPACE, get_or_create_parameter_server
+    from banditroute.core.names import NAMESPACE
+    from banditroute.learner.param_server import get_or_create_parameter_server
 
-    from banditroute.cluster.online import actor_names
     from banditroute.core.config import from_dict
 
     lcfg = learner if isinstance(learner, LearnerConfig) else from_dict(LearnerConfig, learner or {}, prefix="learner")
-    names = actor_names(actor_prefix)
+    from banditroute.core.names import ActorNames
+
+    names = ActorNames.for_prefix(actor_prefix).as_dict()
     ps = get_or_create_parameter_server(names["parameter_server"], NAMESPACE, storage, lcfg.checkpoint_prefix)
     la = get_or_create_learner_actor(lcfg, storage, initial_state, name=names["learner"],
                                      parameter_server_name=names["parameter_server"], num_cpus=learner_num_cpus)
@@ -524,8 +526,8 @@ def _run_on_ray(cfg: UpConfig, data, policy, storage: StorageConfig, out: Path, 
     import ray
     from ray import serve
 
-    from banditroute.learner.param_server import NAMESPACE
-    from banditroute.serve.app import build_app
+    from banditroute.core.names import NAMESPACE
+    from banditroute.cluster.app import build_app
     from banditroute.serve.config import RouterConfig
 
     names = cfg.names

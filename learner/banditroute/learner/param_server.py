@@ -31,12 +31,9 @@ import time
 from collections import deque
 from typing import Any
 
+from banditroute.core.names import NAMESPACE, PARAMETER_SERVER_NAME
 from banditroute.core.records import WeightsSnapshot
 
-PARAMETER_SERVER_NAME = "banditroute-parameter-server"
-NAMESPACE = "banditroute"
-"""Ray namespace of every banditroute actor (parameter server, feedback, learner), so
-Serve replicas (which run in Serve's own namespace) and drivers find them by name."""
 
 _HISTORY = 10_000
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 
-from banditroute.feedback.sink import FeedbackActorSink  # the feedback side's sink (issue 4)
+from banditroute.serve.feedback_sink import FeedbackActorSink
 from banditroute.core.records import DECISION_SCHEMA, DecisionRecord, decisions_from_table, decisions_to_table
 
 SEGMENT_SUFFIX = ".arrows"
@@ -131,7 +131,7 @@ class NullDecisionSink:
 DECISION_SINKS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "local": LocalDecisionLog,
     "null": NullDecisionSink,
-    "feedback-actor": FeedbackActorSink,  # -> the feedback actor (banditroute.feedback.sink)
+    "feedback-actor": FeedbackActorSink,  # -> the feedback actor (banditroute.serve.feedback_sink)
 }
 
 

@@ -111,8 +111,9 @@ def start_loop(port: int, workdir: str, feedback_storage: StorageConfig | None =
     from banditroute.feedback.actor import FeedbackActor
     from banditroute.learner.actor import get_or_create_learner_actor
     from banditroute.learner.loop import _wait_healthy
-    from banditroute.learner.param_server import NAMESPACE, get_or_create_parameter_server
-    from banditroute.serve.app import build_app
+    from banditroute.core.names import NAMESPACE
+    from banditroute.learner.param_server import get_or_create_parameter_server
+    from banditroute.cluster.app import build_app
     from banditroute.serve.config import RouterConfig
     from banditroute.serve.testing import hashing_policy
 

@@ -309,8 +309,8 @@ def deploy_secured_app(folder: Path, port: int, app_name: str) -> dict[str, Any]
 
     from banditroute.core.data import load_routing_data
     from banditroute.feedback.actor import get_or_create_feedback_actor
-    from banditroute.learner.param_server import NAMESPACE
-    from banditroute.serve.app import build_app
+    from banditroute.core.names import NAMESPACE
+    from banditroute.cluster.app import build_app
     from banditroute.serve.testing import write_fixture
 
     folder = Path(folder)

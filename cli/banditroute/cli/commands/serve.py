@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from banditroute.serve.app import build_app
+    from banditroute.cluster.app import build_app
 
     needed = cfg.num_replicas * cfg.num_cpus + cfg.ingress_replicas * cfg.ingress_num_cpus + 0.5
     num_cpus = args.num_cpus or max(float(os.cpu_count() or 1), needed)

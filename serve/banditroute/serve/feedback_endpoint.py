@@ -44,8 +44,8 @@ import math
 import time
 from typing import Any, Callable
 
-from banditroute.feedback.actor import FEEDBACK_ACTOR_NAME
-from banditroute.learner.param_server import NAMESPACE
+from banditroute.core.names import FEEDBACK_ACTOR_NAME
+from banditroute.core.names import NAMESPACE
 from banditroute.core.records import RewardRecord
 from banditroute.serve.protocol import short_repr
 

@@ -24,8 +24,8 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from banditroute.feedback.actor import FEEDBACK_ACTOR_NAME
-from banditroute.learner.param_server import NAMESPACE
+from banditroute.core.names import FEEDBACK_ACTOR_NAME
+from banditroute.core.names import NAMESPACE
 from banditroute.core.records import DecisionRecord, decisions_to_table
 
 
