@@ -20,7 +20,7 @@ from banditroute.policy.evaluate import (
     write_report,
 )
 from banditroute.policy.reward import DEFAULT_PREFERENCE_GRID
-from banditroute.policy.routers import make_routers
+from banditroute.policy.baselines import make_routers
 from banditroute.policy.train import TrainConfig, train_bandit_policy
 
 

@@ -12,9 +12,8 @@ from banditroute.policy.irt import (
     fit_identities,
     fit_irt,
     fit_new_model_identity,
-    item_information,
-    select_quiz,
 )
+from banditroute.policy.quiz import item_information, select_quiz
 
 
 def irt_world(n=600, embed_dim=16, n_models=15, dim=1, seed=0):
@@ -166,7 +165,8 @@ def test_state_round_trip():
 
 
 def test_adaptive_quiz_asks_only_what_it_picks_and_learns_the_model():
-    from banditroute.policy.irt import population_prior, select_quiz_adaptive
+    from banditroute.policy.irt import population_prior
+    from banditroute.policy.quiz import select_quiz_adaptive
 
     x, a, b, theta, p, y, rng = irt_world(n=500, dim=2, seed=8)
     model = fit_irt(x, y, config=IrtConfig(dim=2, steps=300, identity_steps=150))

@@ -13,13 +13,8 @@ from banditroute.cli import main
 from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
 from banditroute.policy.checkpoint import load_policy
 from banditroute.policy.identity_policy import train_identity_policy
-from banditroute.policy.onboard import (
-    QuizError,
-    QuizRunner,
-    ReferenceScorer,
-    ReplayLoggedScorer,
-    read_quiz_results,
-)
+from banditroute.policy.onboard import QuizError, read_quiz_results
+from banditroute.policy.quiz_runner import QuizRunner, ReferenceScorer, ReplayLoggedScorer
 from test_identity_policy import embed, make_data, small_config
 
 NEW = "newcomer"

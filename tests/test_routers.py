@@ -8,24 +8,18 @@ import pytest
 from banditroute.core.data import DataError, RoutingData
 from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
 from banditroute.policy.evaluate import evaluate_router, score_choices
+from banditroute.policy.baselines import DEFAULT_ROUTERS, ROUTERS, make_router, make_routers
+from banditroute.policy.learned_routers import BestSingleRouter, FullInfoRouter, KnnRouter, LinUCBRouter
 from banditroute.policy.routers import (
-    DEFAULT_ROUTERS,
-    ROUTERS,
-    BestSingleRouter,
     FullInfoConfig,
-    FullInfoRouter,
     KnnConfig,
-    KnnRouter,
     LinUCBConfig,
-    LinUCBRouter,
     OracleRouter,
     PolicyRouter,
     RandomRouter,
     Router,
     RoutersConfig,
     SingleModelRouter,
-    make_router,
-    make_routers,
 )
 
 GRID = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)

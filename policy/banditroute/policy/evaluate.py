@@ -29,7 +29,8 @@ import numpy as np
 
 from banditroute.core.data import RoutingData
 from banditroute.policy.reward import DEFAULT_PREFERENCE_GRID, reward
-from banditroute.policy.routers import UPPER_BOUNDS, Router
+from banditroute.policy.baselines import UPPER_BOUNDS
+from banditroute.policy.routers import Router
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"

@@ -12,7 +12,8 @@ from banditroute.core.data import DataError, load_routing_data
 from banditroute.policy.checkpoint import load_policy
 from banditroute.policy.encoders import DEFAULT_CACHE_DIR, embed_prompts
 from banditroute.policy.evaluate import build_report, evaluate_routers, parse_grid, render_markdown, write_report
-from banditroute.policy.routers import DEFAULT_ROUTERS, RoutersConfig, make_routers
+from banditroute.policy.baselines import DEFAULT_ROUTERS, make_routers
+from banditroute.policy.routers import RoutersConfig
 from banditroute.core.progress import progress_bar
 
 HELP = "evaluate a policy checkpoint against baseline routers over a preference grid; prints the output folder last"

@@ -69,9 +69,6 @@ def run(args: argparse.Namespace) -> int:
     from banditroute.policy.model_registry import RegistryError, validate_name, validate_price
     from banditroute.policy.onboard import (
         QuizError,
-        QuizRunner,
-        ReferenceScorer,
-        ReplayLoggedScorer,
         check_quiz_size,
         choose_quiz,
         onboard_model,
@@ -80,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         read_quiz_results,
         save_policy_atomically,
     )
+    from banditroute.policy.quiz_runner import QuizRunner, ReferenceScorer, ReplayLoggedScorer
 
     policy = load_policy(args.policy)
     if not isinstance(policy, IdentityPolicy):

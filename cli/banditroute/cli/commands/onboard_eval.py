@@ -68,7 +68,7 @@ def render_markdown(doc: dict, details: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from banditroute.core.data import load_routing_data
     from banditroute.policy.encoders import embed_prompts
-    from banditroute.policy.onboard import run_onboard_eval
+    from banditroute.policy.onboard_eval import run_onboard_eval
 
     train_cfg, enc_cfg = load_configs(args)
     sizes = parse_quiz_sizes(args.quiz)
