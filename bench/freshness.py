@@ -88,18 +88,16 @@ def main() -> int:
     from ray import serve
 
     from banditroute.core.data import load_routing_data, resolve_data_path
-    from banditroute.feedback.actor import get_or_create_feedback_actor
-    from banditroute.learner.actor import get_or_create_learner_actor
-    from banditroute.learner.loop import UpConfig, _wait_healthy, free_port, starting_policy
-    from banditroute.core.names import NAMESPACE
-    from banditroute.learner.param_server import get_or_create_parameter_server
+    from banditroute.cluster.app import router_application
+    from banditroute.cluster.cold_start import ColdStartConfig, starting_policy
+    from banditroute.cluster.config import app_config_from_dict
+    from banditroute.cluster.online import start_online_loop
+    from banditroute.cluster.up import free_port, wait_healthy
     from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
-    from banditroute.cluster.app import build_app
-    from banditroute.serve.config import RouterConfig
     from banditroute.core.storage import StorageConfig
 
     data = load_routing_data(resolve_data_path(args.data))
-    policy = starting_policy(UpConfig(encoder=args.encoder), data)
+    policy = starting_policy(data, ColdStartConfig(encoder=args.encoder))
     run_dir = Path("runs") / "bench-storage" / time.strftime("freshness-%Y%m%d-%H%M%S")  # data, not results: kept out of git
     storage = StorageConfig(uri=str(run_dir.resolve()))
     from banditroute.core.security import SecurityConfig, ensure_local_secret
@@ -115,23 +113,21 @@ def main() -> int:
         "data": str(resolve_data_path(args.data)),
     }
     try:
-        ps = get_or_create_parameter_server("fresh-ps", NAMESPACE, storage)
-        learner = get_or_create_learner_actor({"checkpoint_every": 0, "promotion": {"enabled": False}}, storage, policy.state(), name="fresh-learner",
-                                              parameter_server_name="fresh-ps")
-        ray.get(learner.status.remote())
-        feedback = get_or_create_feedback_actor({"learner_max_delay_s": args.learner_max_delay}, storage, "fresh-feedback",
-                                                learner_name="fresh-learner")
-        ray.get(feedback.ping.remote())
+        app = app_config_from_dict({
+            "router": {"num_replicas": args.replicas, "num_cpus": 0.5, "num_gpus": 0.0, "ingress_num_cpus": 0.1,
+                       "torch_threads": 1, "weights_poll_timeout_s": 5.0},
+            "learner": {"checkpoint_every": 0, "promotion": {"enabled": False}},
+            "feedback": {"learner_max_delay_s": args.learner_max_delay},
+            "storage": {"uri": storage.uri},
+            "online": {"enabled": True, "actor_prefix": "fresh", "learner_num_cpus": 0.0, "feedback_num_cpus": 0.0},
+        })
+        loop = start_online_loop(app, policy.state())
+        ps, learner, feedback = loop.parameter_server, loop.learner, loop.feedback
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        cfg = RouterConfig(
-            policy=None, num_replicas=args.replicas, num_cpus=0.5, num_gpus=0.0, ingress_num_cpus=0.1, torch_threads=1,
-            decision_sink="feedback-actor", decision_sink_options={"name": "fresh-feedback", "namespace": NAMESPACE},
-            parameter_server_name="fresh-ps", parameter_server_namespace=NAMESPACE, weights_poll_timeout_s=5.0,
-        )
-        serve.run(build_app(cfg), name="fresh", route_prefix="/", blocking=False)
+        serve.run(router_application(loop.router), name="fresh", route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{port}"
-        _wait_healthy(base, 300, args.replicas)
+        wait_healthy(base, 300)
 
         def live_replicas() -> list[str]:
             deadline = time.monotonic() + 30

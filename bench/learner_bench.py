@@ -56,10 +56,10 @@ def synthetic_events(n: int, models: list[str], dim: int, rng, encoder_id: str =
 def routerbench_policy(n_models: int = 11, dim: int = 384):
     import torch
 
-    from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
+    from banditroute.policy.barp import BarpPolicy, NetworkConfig, PolicyMeta
 
     torch.manual_seed(0)
-    return RoutingPolicy(PolicyMeta(models=[f"model-{k}" for k in range(n_models)], tau=0.004, embed_dim=dim, network=NetworkConfig()))
+    return BarpPolicy(PolicyMeta(models=[f"model-{k}" for k in range(n_models)], tau=0.004, embed_dim=dim, network=NetworkConfig()))
 
 
 def bench_throughput(args) -> dict:
@@ -67,7 +67,8 @@ def bench_throughput(args) -> dict:
 
     from banditroute.feedback.log import EventLog
     from banditroute.feedback.service import FeedbackConfig, FeedbackService
-    from banditroute.learner.learner import LearnerConfig, OnlineLearner
+    from banditroute.learner.config import LearnerConfig
+    from banditroute.learner.learner import OnlineLearner
     from banditroute.core.records import DecisionRecord, RewardRecord
     from banditroute.core.storage import StorageConfig, open_storage
 
@@ -193,16 +194,17 @@ def bench_curve(args) -> dict:
     import torch
 
     from banditroute.core.data import load_routing_data, resolve_data_path
-    from banditroute.learner.learner import LearnerConfig, OnlineLearner
-    from banditroute.learner.loop import UpConfig, plot_learning_curve, starting_policy
-    from banditroute.policy.barp import RoutingPolicy
+    from banditroute.learner.config import LearnerConfig
+    from banditroute.learner.learner import OnlineLearner
+    from banditroute.cluster.cold_start import ColdStartConfig, starting_policy
+    from banditroute.policy.barp import BarpPolicy
     from banditroute.policy.encoders import embed_prompts
     from banditroute.policy.reward import reward
     from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     data = load_routing_data(resolve_data_path(args.data))
-    start = starting_policy(UpConfig(encoder=args.encoder, seed=args.seed), data)
+    start = starting_policy(data, ColdStartConfig(encoder=args.encoder), seed=args.seed)
     emb, encoder_id = embed_prompts(data.prompts, start.meta.encoder)
     tau = start.tau
     scores, costs = data.scores_filled, data.costs
@@ -216,7 +218,7 @@ def bench_curve(args) -> dict:
     levels["random"] = float(r_all.mean())
     levels["oracle"] = float(r_all.max(axis=1).mean())
     if args.offline_policy:
-        offline = RoutingPolicy.load(args.offline_policy)
+        offline = BarpPolicy.load(args.offline_policy)
         if offline.meta.encoder_id != encoder_id or list(offline.models) != list(data.models):
             raise SystemExit("--offline-policy must use the same encoder and model pool as the data/encoder here")
         levels["offline"] = expected_levels(offline, emb, lambda rows, w: reward(scores[rows], costs[rows], w[:, None], tau),

@@ -88,12 +88,12 @@ def main() -> int:
     import torch
 
     from banditroute.core.data import load_routing_data, resolve_data_path
-    from banditroute.learner.loop import UpConfig, starting_policy
+    from banditroute.cluster.cold_start import ColdStartConfig, starting_policy
     from banditroute.policy.encoders import embed_prompts
 
     torch.set_num_threads(1)
     data = load_routing_data(resolve_data_path(args.data))
-    start = starting_policy(UpConfig(encoder=args.encoder, seed=0), data)
+    start = starting_policy(data, ColdStartConfig(encoder=args.encoder), seed=0)
     emb, encoder_id = embed_prompts(data.prompts, start.meta.encoder)
     runs = []
     for seed in args.seeds:

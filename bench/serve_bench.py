@@ -86,9 +86,8 @@ def _start_server(args, tmp: str) -> tuple[str, object]:
     from ray import serve
 
     from banditroute.cluster.app import build_app
-    from banditroute.serve.config import load_router_config
-
-    from banditroute.learner.loop import free_port
+    from banditroute.cluster.config import app_config_from_dict
+    from banditroute.cluster.up import free_port
 
     port = free_port()
     overrides = {
@@ -108,7 +107,8 @@ def _start_server(args, tmp: str) -> tuple[str, object]:
     for pair in args.set or []:
         key, value = pair.split("=", 1)
         overrides[key] = value
-    cfg = load_router_config(None, overrides)
+    app = app_config_from_dict({}, {f"router.{key}": value for key, value in overrides.items()})
+    cfg = app.router
     from banditroute.core.security import ensure_local_secret
 
     ensure_local_secret(cfg.security)  # the ingress signs decision tokens
@@ -120,7 +120,7 @@ def _start_server(args, tmp: str) -> tuple[str, object]:
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": env}, _system_config={"worker_niceness": args.worker_niceness})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
+    serve.run(build_app(app), name=cfg.app_name, route_prefix="/")
     return f"http://127.0.0.1:{port}", cfg
 
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure raw again right before every served point (same load) and report the ratio per point")
     parser.add_argument("--skip-raw", action="store_true")
     parser.add_argument("--skip-raw-after", action="store_true", help="do not re-measure raw after the served run")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra RouterConfig overrides")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra RouterConfig overrides (router.* keys of the app config)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

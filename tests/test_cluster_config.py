@@ -110,7 +110,7 @@ def test_serve_config_validates_and_matches_k8s():
     from banditroute.core.config import from_dict
     from banditroute.core.security import SecurityConfig
 
-    security = [from_dict(SecurityConfig, a["args"]["security"]) for a in (ours, theirs)]
+    security = [from_dict(SecurityConfig, a["args"]["router"]["security"]) for a in (ours, theirs)]
     assert security[0] == security[1] and security[0].admin_api_keys_env  # the env var names the pods get
     # the builder starts the loop's actors, so it gets their sections (and the prices) too
     assert ours["args"]["learner"]["checkpoint_every"] == 100 and ours["args"]["feedback"]["learner_batch_size"] == 32
@@ -134,14 +134,15 @@ def test_build_app_accepts_the_storage_arg(tmp_path):
     policy_path, _ = write_fixture(tmp_path, n=8)
     generated = serve_config_from_app(load_app_config(EXAMPLE, environ={}))["applications"][0]["args"]
     for args in (generated, k8s_serve_config()["applications"][0]["args"]):
-        args = dict(args, policy=str(policy_path), num_gpus=0, online={"enabled": False}, prices={})
+        args = dict(args, router={**args.get("router", {}), "policy": str(policy_path), "num_gpus": 0},
+                    online={"enabled": False}, prices={})
         app = build_app(args)  # the online loop itself: tests/test_cluster_online.py
         ingress = app._bound_deployment
         assert (ingress.name, ingress.init_args[0]._bound_deployment.name) == ("RouterIngress", "Router")
     with pytest.raises(ValueError, match=r"storage\.uri"):
-        build_app({"policy": str(policy_path), "num_gpus": 0, "storage": {"uri": "ftp://x/y"}})
+        build_app({"router": {"policy": str(policy_path), "num_gpus": 0}, "storage": {"uri": "ftp://x/y"}})
     with pytest.raises(ValueError, match=r"storage\.regoin"):
-        build_app({"policy": str(policy_path), "num_gpus": 0, "storage.regoin": "eu-west-1"})
+        build_app({"router": {"policy": str(policy_path), "num_gpus": 0}, "storage.regoin": "eu-west-1"})
 
 
 def test_cli_writes_serve_config(tmp_path):
@@ -237,3 +238,33 @@ def test_start_modes(monkeypatch):
     assert calls[-1] == {"address": "ray://head:10001", "namespace": "banditroute"}
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     assert not start_ray(cluster) and len(calls) == 2
+
+
+def test_build_app_args_are_the_app_config():
+    """build_app's args: AppConfig keys (sections or dotted strings) over an optional `config` YAML, merged key by key."""
+    from banditroute.cluster.config import app_config_from_args
+
+    app = app_config_from_args({"config": str(EXAMPLE), "router.num_replicas": "3", "router": {"max_batch_size": 8},
+                                "prices": {"gpt-4": 0.02}}, environ={})
+    assert app.router.num_replicas == 3 and app.router.max_batch_size == 8
+    assert app.router.upstreams["gpt-4"].api_key_env == "OPENAI_API_KEY"  # the file's other router keys stay
+    assert app.prices == {"gpt-4": 0.02, "mixtral-8x7b": 0.0006}
+    assert app.serve.router_autoscaling.max_replicas == 4  # `serve:` means Serve's deployment knobs, only that
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\): num_replicas"):
+        app_config_from_args({"num_replicas": 2, "router": {"policy": "p"}}, environ={})
+    with pytest.raises(ConfigError, match=r"^storage: required"):
+        app_config_from_args({"online": {"enabled": True}}, environ={})
+
+
+def test_generated_args_load_back_as_the_same_app_config():
+    """The generated serveConfigV2 args are the application config: build_app reads back what was written."""
+    from dataclasses import replace
+
+    from banditroute.cluster.config import app_config_from_args
+
+    app = load_app_config(EXAMPLE, environ={})
+    args = yaml.safe_load(yaml.safe_dump(serve_config_from_app(app)["applications"][0]["args"]))
+    again = app_config_from_args(args, environ={})
+    for section in ("storage", "online", "feedback", "learner", "prices"):
+        assert getattr(again, section) == getattr(app, section), section
+    assert replace(again.router, host=app.router.host, port=app.router.port) == app.router  # the proxy's keys are http_options

@@ -13,7 +13,7 @@ import uuid
 import httpx
 import pytest
 
-from banditroute.cluster.online import OnlineConfig
+from banditroute.cluster.config import OnlineConfig
 from banditroute.core.names import ActorNames
 from banditroute.policy.checkpoint import fetch_policy_folder
 from banditroute.feedback.log import EventLog
@@ -39,20 +39,21 @@ def test_build_app_without_a_starting_point_names_initial_policy(ray_cluster, tm
     from banditroute.cluster.app import build_app
 
     with pytest.raises(ValueError, match=r"online\.initial_policy"):
-        build_app({"num_gpus": 0, "storage": {"uri": str(tmp_path / "empty")}, "online": {"enabled": True, "actor_prefix": "t-none"}})
+        build_app({"router": {"num_gpus": 0}, "storage": {"uri": str(tmp_path / "empty")},
+                   "online": {"enabled": True, "actor_prefix": "t-none"}})
     with pytest.raises(ValueError, match=r"^storage: required"):
-        build_app({"num_gpus": 0, "online": {"enabled": True}})
+        build_app({"router": {"num_gpus": 0}, "online": {"enabled": True}})
     with pytest.raises(ValueError, match=r"online\.actor_prefx"):
-        build_app({"num_gpus": 0, "storage": {"uri": str(tmp_path)}, "online": {"actor_prefx": "x"}})
+        build_app({"router": {"num_gpus": 0}, "storage": {"uri": str(tmp_path)}, "online": {"actor_prefx": "x"}})
     with pytest.raises(ValueError, match=r"prices\.small-model"):
-        build_app({"num_gpus": 0, "policy": "x", "prices": {"small-model": -1}})
+        build_app({"router": {"num_gpus": 0, "policy": "x"}, "prices": {"small-model": -1}})
 
 
 def test_online_app_starts_the_loop_on_s3_and_resumes(serve_instance, tmp_path, s3_server, s3_storage_config):  # noqa: F811
     import ray
     from ray import serve
 
-    from banditroute.learner.loop import _wait_healthy
+    from banditroute.cluster.up import wait_healthy
     from banditroute.core.names import NAMESPACE
     from banditroute.cluster.app import build_app
     from banditroute.serve.testing import write_fixture
@@ -64,9 +65,9 @@ def test_online_app_starts_the_loop_on_s3_and_resumes(serve_instance, tmp_path, 
     storage = {k: v for k, v in vars(s3_storage_config).items()}
     prices = {"big-model": 0.02, "mid-model": 0.002, "small-model": 0.0002}
     args = {
-        "app_name": prefix, "num_gpus": 0, "num_cpus": 0.1, "ingress_num_cpus": 0.1, "torch_threads": 1,
-        "weights_poll_timeout_s": 2.0, "storage": storage, "prices": prices,
-        "security": {"admin_api_keys_env": "BANDITROUTE_TEST_ADMIN_KEYS"},
+        "router": {"app_name": prefix, "num_gpus": 0, "num_cpus": 0.1, "ingress_num_cpus": 0.1, "torch_threads": 1,
+                   "weights_poll_timeout_s": 2.0, "security": {"admin_api_keys_env": "BANDITROUTE_TEST_ADMIN_KEYS"}},
+        "storage": storage, "prices": prices,
         "online": {"enabled": True, "initial_policy": seed_uri, "actor_prefix": prefix,
                    "learner_num_cpus": 0.1, "feedback_num_cpus": 0.1},
         "feedback": {"learner_batch_size": 2, "learner_max_delay_s": 0.05, "unknown_grace_s": 0.5},
@@ -75,7 +76,7 @@ def test_online_app_starts_the_loop_on_s3_and_resumes(serve_instance, tmp_path, 
     try:
         serve.run(build_app(dict(args)), name=prefix, route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{serve_instance}"
-        health = _wait_healthy(base, 120, 1)
+        health = wait_healthy(base, 120)
         assert health["models"] == ["big-model", "mid-model", "small-model"]
         ckpt = open_storage(s3_storage_config).child("checkpoints")
         assert list_checkpoints(ckpt), "the seed policy was not written as the first checkpoint on S3"
@@ -135,7 +136,7 @@ def test_online_app_starts_the_loop_on_s3_and_resumes(serve_instance, tmp_path, 
         # A second build, no seed anywhere: the loop resumes from the S3 checkpoint.
         again = dict(args, online={"enabled": True, "actor_prefix": prefix})
         serve.run(build_app(again), name=prefix, route_prefix="/", blocking=False)
-        assert _wait_healthy(base, 120, 1)["policy_version"] >= serving  # never backwards
+        assert wait_healthy(base, 120)["policy_version"] >= serving  # never backwards
         status = ray.get(ray.get_actor(names["learner"], namespace=NAMESPACE).status.remote())
         assert status["candidate_version"] >= newest
     finally:
@@ -149,3 +150,15 @@ def test_online_app_starts_the_loop_on_s3_and_resumes(serve_instance, tmp_path, 
 def test_online_config_validates():
     with pytest.raises(ValueError, match="actor_prefix"):
         OnlineConfig(actor_prefix="").validate()
+
+
+def test_wire_router_points_the_replicas_at_the_loop():
+    from banditroute.cluster.online import wire_router
+    from banditroute.serve.config import RouterConfig
+
+    router = RouterConfig(policy="runs/p", num_replicas=3, decision_sink="local")
+    wired = wire_router(router, ActorNames.for_prefix("t1"))
+    assert wired.policy is None and wired.num_replicas == 3
+    assert (wired.parameter_server_name, wired.learner_actor_name) == ("t1-parameter-server", "t1-learner")
+    assert wired.decision_sink == "feedback-actor" and wired.decision_sink_options == {"name": "t1-feedback", "namespace": "banditroute"}
+    assert router.policy == "runs/p" and router.decision_sink == "local"  # a copy: the caller's config is unchanged

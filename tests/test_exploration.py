@@ -1,4 +1,4 @@
-"""Bounded exploration: the projection's properties (hypothesis) and the propensities RouterCore logs."""
+"""Bounded exploration: the projection's properties (hypothesis), the one decision rule and the propensities RouterCore logs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from banditroute.policy.exploration import bound_probabilities, check_bounds
+from banditroute.policy.decide import decide
+from banditroute.policy.exploration import ExplorationBounds, bound_probabilities, check_bounds
 from banditroute.serve.core import RouteRequest, RouterCore
 from banditroute.serve.testing import hashing_policy
 
@@ -112,3 +113,66 @@ def test_router_core_logs_the_bounded_propensity():
     sub = core.route_batch([RouteRequest("hello", 0.5, ["mid-model", "small-model"], "explore")])[0]
     assert set(sub.probabilities) == {"mid-model", "small-model"}
     assert min(sub.probabilities.values()) >= 0.1 - 1e-6  # K=2: ceiling 0.9 binds, so the other gets >= 0.1
+
+
+# --- the one decision rule (policy.decide.decide) ------------------------------------------------
+
+
+@st.composite
+def logits_and_bounds(draw):
+    """Masked logits (-inf = not a candidate), one mode per row, and bounds."""
+    probs, mask, floor, ceiling = draw(rows_and_bounds())
+    logits = torch.log(probs)  # -inf exactly where the mask is False
+    explore = torch.tensor(draw(st.lists(st.booleans(), min_size=len(probs), max_size=len(probs))))
+    return logits, mask, explore, ExplorationBounds(floor, ceiling)
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits_and_bounds(), st.integers(0, 2**31 - 1))
+def test_decide_bounds_masks_and_propensities(case, seed):
+    logits, mask, explore, bounds = case
+    out = decide(logits, explore, bounds, torch.Generator().manual_seed(seed), mask)
+    plain = torch.softmax(logits, dim=-1)
+    bounded = bound_probabilities(plain, mask, bounds.floor, bounds.ceiling)
+    assert torch.allclose(out.probabilities.sum(dim=1), torch.ones(len(logits)), atol=TOL)
+    assert bool(mask.gather(1, out.actions.unsqueeze(1)).all()), "a decision never picks a model outside the mask"
+    assert bool((out.probabilities[~mask] == 0).all())
+    # explore rows: the bounded distribution, the propensity is the chosen model's probability under it
+    assert torch.equal(out.probabilities[explore], bounded[explore])
+    chosen = out.probabilities.gather(1, out.actions.unsqueeze(1)).squeeze(1)
+    assert torch.equal(out.propensities[explore], chosen[explore])
+    assert bool((out.propensities[explore] > 0).all())
+    # greedy rows: the plain softmax, its argmax, propensity 1
+    greedy = ~explore
+    assert torch.equal(out.probabilities[greedy], plain[greedy])
+    assert torch.equal(out.actions[greedy], plain[greedy].argmax(dim=1))
+    assert bool((out.propensities[greedy] == 1).all())
+
+
+def test_decide_one_mode_for_the_batch_and_the_default_mask():
+    logits = torch.tensor([[9.0, 0.0, float("-inf")], [0.0, 1.0, 2.0]])
+    bounds = ExplorationBounds(0.1, 0.8)
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    greedy = decide(logits, False, bounds, gen)
+    assert torch.equal(gen.get_state(), state), "an all-greedy batch draws nothing"
+    assert greedy.actions.tolist() == [0, 2] and greedy.propensities.tolist() == [1.0, 1.0]
+    explore = decide(logits, True, bounds, gen)  # mask: the finite logits
+    assert explore.probabilities[0, 2] == 0 and explore.probabilities[0, 1] >= 0.2 - 1e-6  # K=2: ceiling 0.8 binds
+    assert torch.equal(explore.probabilities, decide(logits, torch.tensor([True, True]), bounds, gen).probabilities)
+    # sampling frequencies follow the bounded distribution
+    many = decide(logits[:1].expand(20000, 3), True, bounds, torch.Generator().manual_seed(1))
+    freq = torch.bincount(many.actions, minlength=3).float() / 20000
+    assert torch.allclose(freq, many.probabilities[0], atol=0.02)
+    assert torch.equal(many.propensities, many.probabilities[0, many.actions])
+
+
+def test_bounds_off_is_the_plain_softmax_sample():
+    """Without bounds, explore is the old softmax sample: same draws for the same seed."""
+    logits = torch.randn(64, 5, generator=torch.Generator().manual_seed(3))
+    out = decide(logits, True, ExplorationBounds.off(), torch.Generator().manual_seed(7))
+    probs = torch.softmax(logits, dim=-1)
+    expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(7)).squeeze(1)
+    assert torch.equal(out.actions, expected) and torch.equal(out.probabilities, probs)
+    with pytest.raises(ValueError, match="exploration_floor"):
+        ExplorationBounds(0.5, 0.2)

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from banditroute.serve.feedback_endpoint import ack_to_http, parse_feedback_body, FeedbackError
+from banditroute.serve.feedback_endpoint import ack_to_http, parse_feedback_body
+from banditroute.serve.protocol import RequestError as FeedbackError
 from banditroute.feedback.join import JoinConfig
 from banditroute.feedback.log import EventLog
 from banditroute.feedback.service import FeedbackConfig, FeedbackService

@@ -1,8 +1,8 @@
 """Bad input never crashes anything: property tests of every endpoint's parser, then a live fuzz over HTTP.
 
-Parsers: any JSON value in -> a valid result, or the 4xx error type (RequestError / FeedbackError /
+Parsers: any JSON value in -> a valid result, or the 4xx error type (RequestError /
 TokenError) with a non-empty message and a field; never another exception. Live: a few hundred
-malformed requests (tests/fuzzing.py, shared with bench/fuzz.py) -> 0 answers >= 500, every 4xx names
+malformed requests (banditroute.testkit.fuzzing, shared with bench/fuzz.py) -> 0 answers >= 500, every 4xx names
 the problem, no replica restarted, and a normal request still succeeds.
 """
 
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from banditroute.serve.feedback_endpoint import FeedbackError, parse_feedback_body
+from banditroute.serve.feedback_endpoint import parse_feedback_body
 from banditroute.core.security import TOKEN_ERROR_KINDS, TokenError, sign, verify
 from banditroute.serve.protocol import (
     RequestError,
@@ -102,7 +102,7 @@ def test_messages_to_text_and_chat_checks(messages):
 def test_feedback_body_parser(body):
     try:
         reward = parse_feedback_body(body, max_cost_usd=10.0)
-    except FeedbackError as exc:
+    except RequestError as exc:
         assert_client_error(exc)
         return
     assert reward.decision_id.strip() and 0.0 <= reward.score <= 1.0

@@ -9,16 +9,12 @@ import pytest
 import torch
 
 from banditroute.core.data import RoutingData
-from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
+from banditroute.core.records import WeightsSnapshot
+from banditroute.policy.barp import BarpPolicy, NetworkConfig, PolicyMeta
 from banditroute.policy.checkpoint import checkpoint_kind, load_policy
 from banditroute.policy.encoders import EncoderConfig
-from banditroute.policy.identity_policy import (
-    CandidateSetError,
-    IdentityNetworkConfig,
-    IdentityPolicy,
-    IdentityTrainConfig,
-    train_identity_policy,
-)
+from banditroute.policy.identity_policy import CandidateSetError, IdentityNetworkConfig, IdentityPolicy
+from banditroute.policy.identity_train import IdentityTrainConfig, train_identity_policy
 from banditroute.policy.irt import IrtConfig
 from banditroute.policy.model_registry import ModelRegistry, RegistryError, UnknownModelError
 
@@ -155,7 +151,7 @@ def test_bad_candidate_sets_are_clear_errors(trained):
         policy.probabilities(emb[:1], 0.5, [])
     with pytest.raises(UnknownModelError, match="unknown model 'gpt-9'") as info:
         policy.candidate_mask([["mid", "gpt-9"]], 1)
-    assert isinstance(info.value, KeyError)  # same contract as RoutingPolicy.candidate_mask
+    assert isinstance(info.value, KeyError)  # same contract as BarpPolicy.candidate_mask
     with pytest.raises(CandidateSetError, match="empty candidate set"):
         policy.decide(emb[:2], 0.5, np.zeros((2, len(policy.models)), bool))
     with pytest.raises(CandidateSetError, match="columns"):
@@ -272,16 +268,16 @@ def test_save_load_state_round_trip_and_dispatch(trained, tmp_path):
     # snapshots for replicas
     replica = IdentityPolicy.from_state(policy.state())
     np.testing.assert_allclose(replica.logits(emb[:4], 0.2).numpy(), policy.logits(emb[:4], 0.2).numpy(), atol=1e-6)
-    replica.load_weights(policy.state()["weights"], 7)
+    replica.load_weights(WeightsSnapshot(7, policy.state()))
     assert replica.policy_version == 7
-    # BaRP checkpoints still load as RoutingPolicy (kind defaults to 'barp')
-    barp = RoutingPolicy(PolicyMeta(models=["a", "b"], tau=1.0, embed_dim=4, network=NetworkConfig(hidden_dim=8)))
+    # BaRP checkpoints still load as BarpPolicy (kind defaults to 'barp')
+    barp = BarpPolicy(PolicyMeta(models=["a", "b"], tau=1.0, embed_dim=4, network=NetworkConfig(hidden_dim=8)))
     bpath = barp.save(tmp_path / "barp")
     assert json.loads((bpath / "meta.json").read_text())["kind"] == "barp"
     meta = json.loads((bpath / "meta.json").read_text())
     del meta["kind"]  # a checkpoint written before the field existed
     (bpath / "meta.json").write_text(json.dumps(meta))
-    assert isinstance(load_policy(bpath), RoutingPolicy)
+    assert isinstance(load_policy(bpath), BarpPolicy)
     with pytest.raises(ValueError, match="not an identity policy"):
         IdentityPolicy.load(bpath)
 

@@ -469,6 +469,16 @@ def test_serve_application_shape(rendered, target):
     assert service["spec"]["upgradeStrategy"]["type"] == "NewCluster"
 
 
+@pytest.mark.parametrize("target", ["k8s/overlays/dev", "k8s/overlays/prod", "k8s/overlays/prod-ha"])
+def test_serve_args_are_the_application_config(rendered, target):
+    """build_app's args load as the one application config (cluster/config.py: unknown keys and bad types fail)."""
+    from banditroute.cluster.config import app_config_from_args
+
+    app = app_config_from_args(serve_app(rendered_service(rendered, target))["args"], environ={})
+    assert app.online.enabled and app.online.initial_policy.startswith(app.storage.uri)
+    assert app.storage.is_s3 and app.router.security.admin_api_keys_env == "BANDITROUTE_ADMIN_KEYS"
+
+
 def test_dev_is_cpu_only_with_one_replica(rendered):
     service = rendered_service(rendered, "k8s/overlays/dev")
     cluster = cluster_spec(service)

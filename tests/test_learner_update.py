@@ -9,7 +9,8 @@ import torch
 from banditroute.learner.checkpoint import list_checkpoints
 from banditroute.learner.learner import LearnerConfig, OnlineLearner, events_to_rows
 from banditroute.learner.module import BarpRLModule
-from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
+from banditroute.policy.barp import BarpPolicy, NetworkConfig, PolicyMeta
+from banditroute.policy.exploration import ExplorationBounds
 from banditroute.policy.encoders import EncoderConfig, make_encoder
 from banditroute.policy.reward import fit_tau, reward
 from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
@@ -26,11 +27,11 @@ def problem():
     return data, encoder.encode(data.prompts), encoder.encoder_id
 
 
-def new_policy(data, emb, encoder_id, seed=0) -> RoutingPolicy:
+def new_policy(data, emb, encoder_id, seed=0) -> BarpPolicy:
     torch.manual_seed(seed)
     meta = PolicyMeta(models=list(data.models), tau=fit_tau(data.costs), embed_dim=emb.shape[1], encoder=ENC,
                       encoder_id=encoder_id, network=NetworkConfig(hidden_dim=64, preference_dim=16))
-    return RoutingPolicy(meta)
+    return BarpPolicy(meta)
 
 
 def logged_batch(policy, data, emb, encoder_id, rng, gen, n=32, tag="") -> tuple[object, np.ndarray]:
@@ -76,7 +77,7 @@ def test_online_updates_raise_the_reward_and_versions_are_monotonic(problem):
         assert np.isfinite(metrics[key]), key
     # The snapshot is the same weights format replicas load.
     snap = learner.snapshot()
-    served = RoutingPolicy.from_state(snap.state)
+    served = BarpPolicy.from_state(snap.state)
     assert served.policy_version == snap.policy_version == 120
     assert np.allclose(served.logits(emb[:5], 0.3).numpy(), policy.logits(emb[:5], 0.3).numpy(), atol=1e-6)
 
@@ -149,6 +150,23 @@ def test_rl_module_entry_points(problem):
     assert set(module.get_state()) == set(policy.network.state_dict())
 
 
+def test_rl_module_explores_like_a_replica(problem):
+    """forward_exploration is policy.decide.decide: the module's exploration bounds hold, the propensity is the bounded one."""
+    data, emb, enc_id = problem
+    policy = new_policy(data, emb, enc_id)
+    with torch.no_grad():  # a sharp policy, so the bounds bind
+        policy.network.decision_head.weight.zero_()
+        policy.network.decision_head.bias.copy_(torch.tensor([30.0, 0.0, -30.0]))
+    module = BarpRLModule.from_meta(policy.meta, ExplorationBounds(0.1, 0.7))
+    module.set_state(policy.state()["weights"])
+    batch = {"obs": emb[:64], "w_cost": np.full(64, 0.3, np.float32), "mask": np.tile([True, False, True], (64, 1))}
+    out = module.forward_exploration(batch)
+    probs = out["probs"]
+    assert torch.allclose(probs[:, [0, 2]], torch.tensor([0.7, 0.3]).expand(64, 2), atol=1e-5) and (probs[:, 1] == 0).all()
+    assert torch.equal(out["action_prob"], probs.gather(1, out["actions"].unsqueeze(1)).squeeze(1))
+    assert BarpRLModule.from_meta(policy.meta).bounds == ExplorationBounds()  # default: the serving bounds
+
+
 def test_events_answered_by_a_fallback_model_are_not_credited_to_the_chosen_one():
     from banditroute.learner.ope import prepare_logged_data
     from banditroute.core.records import EventBatch
@@ -156,7 +174,7 @@ def test_events_answered_by_a_fallback_model_are_not_credited_to_the_chosen_one(
     enc_cfg = EncoderConfig(name="hashing", dim=16)
     meta = PolicyMeta(models=["a", "b"], tau=1.0, embed_dim=16, encoder=enc_cfg, encoder_id="",
                       network=NetworkConfig(hidden_dim=8, preference_dim=4))
-    policy = RoutingPolicy(meta)
+    policy = BarpPolicy(meta)
     events = [
         JoinedEvent(DecisionRecord(f"d{i}", 0.0, [0.1] * 16, 0.5, ["a", "b"], "a", 0.5, 0,
                                    served_model=served), 1.0, 0.01, 1.0)

@@ -38,47 +38,36 @@ def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.2, what: 
 
 @pytest.fixture
 def loop(serve_instance, tmp_path):
-    """Parameter server + learner + feedback actors with unique names, and a 2-replica router app."""
+    """Parameter server + learner + feedback actors with unique names, and a 2-replica router app wired to them."""
     import ray
     from ray import serve
 
-    from banditroute.feedback.actor import get_or_create_feedback_actor
-    from banditroute.learner.actor import get_or_create_learner_actor
-    from banditroute.learner.loop import _wait_healthy
-    from banditroute.core.names import NAMESPACE
-    from banditroute.learner.param_server import get_or_create_parameter_server
-    from banditroute.cluster.app import build_app
-    from banditroute.serve.config import RouterConfig
+    from banditroute.cluster.app import router_application
+    from banditroute.cluster.config import app_config_from_dict
+    from banditroute.cluster.online import start_online_loop
+    from banditroute.cluster.up import wait_healthy
     from banditroute.serve.testing import hashing_policy
 
     prefix = f"t{uuid.uuid4().hex[:8]}"
-    names = {k: f"{prefix}-{k}" for k in ("ps", "learner", "feedback")}
     data = make_routing_data(60, seed=3)
     policy = hashing_policy(models=data.models, dim=64)
     storage = StorageConfig(uri=str(tmp_path / "storage"))
-    ps = get_or_create_parameter_server(names["ps"], NAMESPACE, storage)
-    # Promotion gate off: this test checks the plumbing (every update reaches BOTH replicas); the gate has its own tests.
-    learner = get_or_create_learner_actor(
-        {"checkpoint_every": 5, "replay_sample": 16, "promotion": {"enabled": False}}, storage, policy.state(), name=names["learner"], parameter_server_name=names["ps"],
-        num_cpus=0.1,
-    )
-    start = ray.get(learner.status.remote())["policy_version"]
-    feedback = get_or_create_feedback_actor(
-        {"learner_batch_size": 8, "learner_max_delay_s": 0.05, "unknown_grace_s": 0.3}, storage, names["feedback"],
-        learner_name=names["learner"], num_cpus=0.1,
-    )
-    ray.get(feedback.ping.remote())
-    cfg = RouterConfig(
-        policy=None, app_name=prefix, num_replicas=2, num_cpus=0.1, num_gpus=0.0, ingress_num_cpus=0.1, torch_threads=1, seed=0,
-        decision_sink="feedback-actor", decision_sink_options={"name": names["feedback"], "namespace": NAMESPACE},
-        parameter_server_name=names["ps"], parameter_server_namespace=NAMESPACE, weights_poll_timeout_s=2.0,
-    )
-    serve.run(build_app(cfg), name=prefix, route_prefix="/", blocking=False)
+    app = app_config_from_dict({
+        "router": {"app_name": prefix, "num_replicas": 2, "num_cpus": 0.1, "num_gpus": 0.0, "ingress_num_cpus": 0.1,
+                   "torch_threads": 1, "seed": 0, "weights_poll_timeout_s": 2.0},
+        # Promotion gate off: this test checks the plumbing (every update reaches BOTH replicas); the gate has its own tests.
+        "learner": {"checkpoint_every": 5, "replay_sample": 16, "promotion": {"enabled": False}},
+        "feedback": {"learner_batch_size": 8, "learner_max_delay_s": 0.05, "unknown_grace_s": 0.3},
+        "storage": {"uri": str(storage.uri)},
+        "online": {"enabled": True, "actor_prefix": prefix, "learner_num_cpus": 0.1, "feedback_num_cpus": 0.1},
+    }, environ={})
+    wired = start_online_loop(app, policy.state())
+    serve.run(router_application(wired.router), name=prefix, route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{serve_instance}"
-    _wait_healthy(base, 120, 2)
-    yield {"base": base, "ps": ps, "learner": learner, "feedback": feedback, "data": data, "storage": storage,
-           "start_version": start, "names": names}
-    for handle in (feedback, learner, ps):
+    wait_healthy(base, 120)
+    yield {"base": base, "ps": wired.parameter_server, "learner": wired.learner, "feedback": wired.feedback, "data": data,
+           "storage": storage, "start_version": wired.learner_status["policy_version"], "names": wired.names.as_dict()}
+    for handle in wired.handles.values():
         ray.kill(handle, no_restart=True)
 
 
@@ -179,8 +168,8 @@ def test_up_command_end_to_end(serve_instance, tmp_path):
     rc = main([
         "up", "--data", str(data_path), "--encoder", "hashing", "--max-decisions", "200", "--out", str(out),
         "--replicas", "2", "--concurrency", "8",
-        "--set", f"actor_prefix={prefix}", "--set", f"app_name={prefix}", "--set", "replica_num_cpus=0.1",
-        "--set", "progress_interval_s=1", "--set", "network.hidden_dim=32",
+        "--set", f"online.actor_prefix={prefix}", "--set", f"router.app_name={prefix}", "--set", "router.num_cpus=0.1",
+        "--set", "up.progress_interval_s=1", "--set", "up.cold_start.network.hidden_dim=32",
         # The promotion gate runs (held-out split, OPE every 10 updates) with a margin no candidate fails,
         # so this 200-decision smoke run publishes; the gate's decisions are tested in test_promotion.py.
         "--set", "learner.promotion.min_holdout_events=2", "--set", "learner.promotion.margin=10",

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from banditroute.cli import main
-from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
+from banditroute.policy.barp import BarpPolicy, NetworkConfig, PolicyMeta
 from banditroute.policy.checkpoint import load_policy
-from banditroute.policy.identity_policy import train_identity_policy
+from banditroute.policy.identity_train import train_identity_policy
 from banditroute.policy.onboard import QuizError, read_quiz_results
 from banditroute.policy.quiz_runner import QuizRunner, ReferenceScorer, ReplayLoggedScorer
 from test_identity_policy import embed, make_data, small_config
@@ -34,7 +34,7 @@ def world(tmp_path_factory):
     emb, enc_id, enc = embed(without)
     policy, _, _ = train_identity_policy(without, emb, small_config(epochs=2), enc, enc_id)
     ckpt = policy.save(root / "policy")
-    barp = RoutingPolicy(PolicyMeta(models=["a", "b"], tau=1.0, embed_dim=64, network=NetworkConfig(hidden_dim=8)))
+    barp = BarpPolicy(PolicyMeta(models=["a", "b"], tau=1.0, embed_dim=64, network=NetworkConfig(hidden_dim=8)))
     barp_path = barp.save(root / "barp")
     return {"root": root, "data": data, "data_path": data_path, "ckpt": ckpt, "barp": barp_path}
 

@@ -18,7 +18,7 @@ from banditroute.learner.ope import (
     ips,
     snips,
 )
-from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
+from banditroute.policy.barp import BarpPolicy, NetworkConfig, PolicyMeta
 from banditroute.policy.encoders import EncoderConfig, make_encoder
 from banditroute.policy.reward import fit_tau, reward
 from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
@@ -82,7 +82,7 @@ def logged(tmp_path_factory):
         torch.manual_seed(seed)
         meta = PolicyMeta(models=list(data.models), tau=tau, embed_dim=emb.shape[1], encoder=enc_cfg,
                           encoder_id=encoder.encoder_id, network=NetworkConfig(hidden_dim=32, preference_dim=8))
-        p = RoutingPolicy(meta)
+        p = BarpPolicy(meta)
         with torch.no_grad():
             p.network.decision_head.weight.mul_(30.0)  # a confident, prompt-dependent policy
         return p

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from banditroute.policy.barp import Decisions
+from banditroute.policy.decide import Decisions
 from banditroute.policy.pacer import BudgetPacer, PacerConfig, PacerState, pacer_update, replay_with_pacer
 
 

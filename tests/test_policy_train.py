@@ -1,9 +1,16 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from banditroute.policy.barp import PolicyMeta, RoutingPolicy
+from banditroute.core.records import WeightsSnapshot
+from banditroute.policy.barp import BarpPolicy, PolicyMeta
+from banditroute.policy.base import RoutingPolicy
+from banditroute.policy.checkpoint import POLICY_KINDS, load_policy, policy_from_snapshot, policy_from_state
 from banditroute.policy.encoders import EncoderConfig, make_encoder
+from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR
+from banditroute.policy.identity_policy import IdentityPolicy
 from banditroute.policy.reward import reward, reward_matrix
 from banditroute.policy.train import BanditEnvironment, TrainConfig, train_bandit_policy
 from banditroute.testkit.synthetic import make_routing_data
@@ -63,7 +70,7 @@ def test_dial_changes_choice_without_retraining():
 
 def test_candidate_mask_and_explore_probabilities():
     meta = PolicyMeta(models=["a", "b", "c"], tau=1.0, embed_dim=8, encoder=ENC)
-    policy = RoutingPolicy(meta)
+    policy = BarpPolicy(meta)
     emb = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
     mask = policy.candidate_mask([["a", "c"]] * 64, 64)
     gen = torch.Generator().manual_seed(0)
@@ -84,12 +91,46 @@ def test_checkpoint_round_trip(tmp_path):
     policy, _, _ = train_bandit_policy(data, emb, TrainConfig(epochs=2), ENC, eid)
     policy.meta.policy_version = 7
     path = policy.save(tmp_path / "ckpt")
-    loaded = RoutingPolicy.load(path)
+    loaded = BarpPolicy.load(path)
     assert loaded.models == list(data.models) and loaded.tau == policy.tau and loaded.policy_version == 7
     assert loaded.meta.encoder == ENC and loaded.meta.encoder_id == eid
     np.testing.assert_allclose(loaded.decide(emb, 0.4).probabilities, policy.decide(emb, 0.4).probabilities, atol=1e-6)
     # and through the picklable state (the weights snapshot path)
-    clone = RoutingPolicy.from_state(policy.state())
+    clone = BarpPolicy.from_state(policy.state())
     np.testing.assert_allclose(clone.decide(emb, 0.4).probabilities, policy.decide(emb, 0.4).probabilities, atol=1e-6)
     with pytest.raises(FileNotFoundError):
-        RoutingPolicy.load(tmp_path / "missing")
+        BarpPolicy.load(tmp_path / "missing")
+
+
+def test_training_explores_within_the_serving_bounds():
+    assert (TrainConfig().exploration_floor, TrainConfig().exploration_ceiling) == (DEFAULT_EXPLORATION_FLOOR, DEFAULT_EXPLORATION_CEILING)
+    data, emb, eid = _embedded(50)
+    cfg = TrainConfig(epochs=3, batch_size=16, exploration_floor=0.2, exploration_ceiling=0.5)
+    _, env, _ = train_bandit_policy(data, emb, cfg, ENC, eid)
+    log = env.log_frame()  # every pull's propensity is its probability under the bounded distribution
+    assert log.propensity.min() >= 0.2 - 1e-6 and log.propensity.max() <= 0.5 + 1e-6
+    with pytest.raises(ValueError, match="train.exploration_floor"):
+        TrainConfig(exploration_floor=0.6, exploration_ceiling=0.5).validate()
+
+
+def test_policies_share_one_interface_and_the_registry_builds_them(tmp_path):
+    meta = PolicyMeta(models=["a", "b", "c"], tau=1.0, embed_dim=8, encoder=ENC, policy_version=4)
+    policy = BarpPolicy(meta)
+    assert isinstance(policy, RoutingPolicy) and POLICY_KINDS["barp"] is BarpPolicy
+    assert POLICY_KINDS["identity"] is IdentityPolicy
+    state = policy.state()
+    assert state["kind"] == "barp" and policy_from_state(state).policy_version == 4
+    # the snapshot owns the version: whatever the state's meta says, the policy serves the snapshot's
+    served = policy_from_snapshot(WeightsSnapshot(9, state))
+    assert isinstance(served, BarpPolicy) and served.policy_version == 9
+    assert policy.snapshot(trained_through=3.0).policy_version == 4
+    other = BarpPolicy(PolicyMeta(models=["a", "b", "c"], tau=1.0, embed_dim=8, encoder=ENC))
+    other.load_weights(WeightsSnapshot(11, state))
+    emb = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    assert other.policy_version == 11 and torch.equal(other.logits(emb, 0.3), policy.logits(emb, 0.3))
+    # checkpoints keep policy_version in meta.json
+    path = served.save(tmp_path / "p")
+    assert json.loads((path / "meta.json").read_text())["policy_version"] == 9
+    assert load_policy(path).policy_version == 9
+    with pytest.raises(ValueError, match="unknown policy kind"):
+        policy_from_state({**state, "meta": {**state["meta"], "kind": "nope"}})

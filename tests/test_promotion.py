@@ -23,7 +23,7 @@ from banditroute.learner.promotion import (
     promotion_decision,
     split_holdout,
 )
-from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
+from banditroute.policy.barp import BarpPolicy, NetworkConfig, PolicyMeta
 from banditroute.policy.encoders import EncoderConfig, make_encoder
 from banditroute.policy.reward import fit_tau
 from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
@@ -41,11 +41,11 @@ def problem():
     return data, encoder.encode(data.prompts), encoder.encoder_id
 
 
-def new_policy(data, encoder_id, seed=0) -> RoutingPolicy:
+def new_policy(data, encoder_id, seed=0) -> BarpPolicy:
     torch.manual_seed(seed)
     meta = PolicyMeta(models=list(data.models), tau=fit_tau(data.costs), embed_dim=64, encoder=ENC, encoder_id=encoder_id,
                       network=NetworkConfig(hidden_dim=32, preference_dim=8))
-    return RoutingPolicy(meta)
+    return BarpPolicy(meta)
 
 
 def uniform_events(problem, rng, n, start, poison_training=False, tau=None, mode="explore"):

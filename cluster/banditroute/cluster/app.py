@@ -3,26 +3,33 @@
 
 It lives in cluster/ because it wires components together: the serve
 deployments, and (with ``online.enabled``) the feedback, learner and
-parameter-server actors of the online loop (cluster/online.py).
+parameter-server actors of the online loop (cluster/online.py). Its args are
+the application config (cluster/config.py: ``router``, ``storage``,
+``online``, ``feedback``, ``learner``, ``prices``), parsed by the same loader
+as `banditroute serve` / `up` and the generated Serve config.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ray import serve
 
-from banditroute.cluster.online import OnlineConfig, apply_prices, start_online_loop
-from banditroute.core.config import from_dict, set_dotted, to_dict
+from banditroute.cluster.config import AppConfig, app_config_from_args
+from banditroute.cluster.online import start_online_loop
+from banditroute.core.config import to_dict
 from banditroute.core.data import resolve_data_path
-from banditroute.core.names import ActorNames
-from banditroute.core.storage import StorageConfig
 from banditroute.feedback.service import FeedbackConfig
-from banditroute.learner.config import LearnerConfig
-from banditroute.policy.model_registry import check_prices
-from banditroute.serve.app import ReplayUpstream, Router, RouterIngress
-from banditroute.serve.config import RouterConfig, load_router_config
+from banditroute.serve.ingress import RouterIngress
+from banditroute.serve.replay_upstream import ReplayUpstream
+from banditroute.serve.router import Router
+from banditroute.serve.config import RouterConfig
+
+logger = logging.getLogger(__name__)
 
 
 def _absolute(path: str | None) -> str | None:
@@ -31,8 +38,9 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve())
 
 
-def resolve_config(cfg: RouterConfig) -> RouterConfig:
-    """Make relative paths absolute (replicas may run with another working directory)."""
+def resolve_paths(router: RouterConfig) -> RouterConfig:
+    """A copy of ``router`` with relative paths made absolute (replicas may run with another working directory)."""
+    cfg = copy.deepcopy(router)
     cfg.policy = _absolute(cfg.policy)
     if cfg.decision_sink == "local":
         opts = dict(cfg.decision_sink_options)
@@ -43,75 +51,81 @@ def resolve_config(cfg: RouterConfig) -> RouterConfig:
     return cfg
 
 
-def _section_arg(args: dict[str, Any], name: str, cls: type) -> Any:
-    """Pop and validate section ``name`` of build_app args (a mapping, or ``name.<key>`` dotted keys); None if absent."""
-    section: Any = {}
-    if name in args:
-        value = args.pop(name)
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"{name}: expected a mapping, got {type(value).__name__}")
-        section = dict(value)
-    for key in [k for k in args if k.startswith(name + ".")]:
-        set_dotted(section, key[len(name) + 1:], args.pop(key))
-    if not section:
-        return None
-    return section if cls is dict else from_dict(cls, section, prefix=name)
+def apply_prices(router: RouterConfig, prices: Mapping[str, float], feedback: FeedbackConfig) -> None:
+    """Put ``prices`` (USD per call) where they act.
 
-
-def _prices_arg(args: dict[str, Any]) -> dict[str, float]:
-    return check_prices(_section_arg(args, "prices", dict) or {})
-
-
-def build_app(args: dict[str, Any] | RouterConfig | None = None) -> serve.Application:
-    """The banditroute Serve application (``banditroute.cluster.app:build_app``).
-
-    ``args``: RouterConfig keys (nested ones as dicts or dotted keys), plus an
-    optional ``config`` YAML path that the other keys override, plus the
-    application sections the generated Serve config and k8s serveConfigV2
-    pass (cluster/launch.py): ``storage`` (StorageConfig), ``online``
-    (cluster.online.OnlineConfig), ``feedback`` (FeedbackConfig), ``learner``
-    (LearnerConfig) and ``prices`` (model -> USD per call). All are validated
-    here, naming the field. With ``online.enabled`` the builder starts (or
-    finds) the loop's actors over ``storage`` and wires the routers to them
-    (cluster/online.py); ``prices`` become the feedback join's default costs
-    and an identity policy's registry prices.
+    - The feedback join uses them as a model's cost when neither the reward nor
+      the upstream reported one (``feedback.join.prices``; explicit entries there win).
+    - An identity policy's model registry (its live pool and prices) gets them
+      before any replica loads it; an unknown model is an error naming ``prices.<model>``.
+    A BaRP policy learns costs from rewards; prices for models outside its pool are ignored with a warning.
     """
-    if isinstance(args, RouterConfig):
-        cfg = args
-        storage, online, feedback, learner, prices = None, None, None, None, {}
-    else:
-        args = dict(args or {})
-        storage = _section_arg(args, "storage", StorageConfig)
-        online = _section_arg(args, "online", OnlineConfig)
-        feedback = _section_arg(args, "feedback", FeedbackConfig) or FeedbackConfig()
-        learner = _section_arg(args, "learner", LearnerConfig) or LearnerConfig()
-        prices = _prices_arg(args)
-        if online is not None and online.enabled and "parameter_server_name" not in args:
-            args["parameter_server_name"] = ActorNames.for_prefix(online.actor_prefix).parameter_server  # set again when wired
-        config_path = args.pop("config", None)
-        cfg = load_router_config(config_path, args)
-    cfg = resolve_config(cfg)
-    if prices:
-        apply_prices(cfg, prices, feedback)
-    if online is not None and online.enabled:
-        if storage is None:
-            raise ValueError("storage: required when online.enabled (checkpoints and the event log live there)")
-        cfg = start_online_loop(cfg, online, storage, feedback, learner)
-    conf = to_dict(cfg)
-    conf["num_gpus"] = cfg.resolved_num_gpus()
-    router = Router.options(
-        num_replicas=cfg.num_replicas,
-        max_ongoing_requests=cfg.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": conf["num_gpus"]},
-        user_config={"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+    if not prices:
+        return
+    feedback.join.prices = {**dict(prices), **feedback.join.prices}
+    if router.policy is None:
+        return
+    from banditroute.policy.checkpoint import checkpoint_kind, load_policy
+
+    if checkpoint_kind(router.policy) != "identity":
+        pool = set(load_policy(router.policy).models)
+        unknown = sorted(set(prices) - pool)
+        if unknown:
+            logger.warning("prices: %s are not in the policy's pool %s; ignored by routing", unknown, sorted(pool))
+        return
+    from banditroute.policy.model_registry import REGISTRY_FILE, ModelRegistry, UnknownModelError
+
+    meta = json.loads((Path(router.policy) / "meta.json").read_text())
+    registry = ModelRegistry.load(meta.get("registry_uri") or Path(router.policy) / REGISTRY_FILE)
+    try:
+        registry.set_prices(dict(prices))
+    except UnknownModelError as exc:
+        bad = next((m for m in prices if m not in registry.models), None)
+        raise ValueError(f"prices.{bad}: {exc}") from None
+    registry.save()
+
+
+def resolve_app(app: AppConfig) -> AppConfig:
+    """A copy of ``app`` ready to deploy: absolute router paths, ``prices`` applied (feedback join, identity registry)."""
+    app = copy.deepcopy(app)
+    app.router = resolve_paths(app.router)
+    apply_prices(app.router, app.prices, app.feedback)
+    return app
+
+
+def router_application(router: RouterConfig) -> serve.Application:
+    """The Serve deployments of one router config: RouterIngress over N Router replicas (+ the replay upstream)."""
+    conf = to_dict(router)
+    conf["num_gpus"] = router.resolved_num_gpus()
+    replicas = Router.options(
+        num_replicas=router.num_replicas,
+        max_ongoing_requests=router.max_ongoing_requests,
+        ray_actor_options={"num_cpus": router.num_cpus, "num_gpus": conf["num_gpus"]},
+        user_config={"max_batch_size": router.max_batch_size, "batch_wait_timeout_s": router.batch_wait_timeout_s},
     ).bind(conf)
     replay = None
-    if cfg.replay.enabled:
-        replay = ReplayUpstream.options(ray_actor_options={"num_cpus": min(0.1, cfg.ingress_num_cpus) or 0.1}).bind(conf)
+    if router.replay.enabled:
+        replay = ReplayUpstream.options(ray_actor_options={"num_cpus": min(0.1, router.ingress_num_cpus) or 0.1}).bind(conf)
     return RouterIngress.options(
-        num_replicas=cfg.ingress_replicas,
-        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
-    ).bind(router, replay, conf)
+        num_replicas=router.ingress_replicas,
+        max_ongoing_requests=router.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": router.ingress_num_cpus},
+    ).bind(replicas, replay, conf)
+
+
+def build_app(args: Mapping[str, Any] | AppConfig | None = None) -> serve.Application:
+    """The banditroute Serve application (``banditroute.cluster.app:build_app``).
+
+    ``args``: the application config (an AppConfig, or its keys as the
+    serveConfigV2 ``args`` give them: sections as mappings or dotted keys,
+    values possibly strings, plus an optional ``config`` YAML path that the
+    other keys override), validated by cluster/config.py naming the field.
+    Of it the builder reads ``router``, ``prices``, and, with
+    ``online.enabled``, ``online``, ``storage``, ``feedback`` and ``learner``:
+    it then starts (or finds) the loop's actors over ``storage`` and wires the
+    routers to them (cluster/online.py). ``prices`` become the feedback
+    join's default costs and an identity policy's registry prices.
+    """
+    app = resolve_app(args if isinstance(args, AppConfig) else app_config_from_args(args))
+    router = start_online_loop(app).router if app.online.enabled else app.router
+    return router_application(router)

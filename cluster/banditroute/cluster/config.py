@@ -1,22 +1,28 @@
 """One typed configuration for the whole application (``AppConfig``).
 
-A single YAML file (see ``configs/app.example.yaml``) holds every section::
+One schema for `banditroute serve`, `banditroute up`, the generated Serve
+config and KubeRay's serveConfigV2 ``args`` (which ``build_app`` parses with
+the loader below). A YAML file (see ``configs/app.example.yaml``) holds the
+sections; each key has one meaning wherever it is read::
 
     start:    how to reach Ray: embedded local Ray, or an existing cluster
     router:   the Serve application (serve.config.RouterConfig; upstreams live here)
     serve:    Serve deployment knobs not in RouterConfig: autoscaling, proxy, env vars
     feedback: the feedback actor (feedback.service.FeedbackConfig)
-    learner:  the online learner (learner.learner.LearnerConfig)
-    storage:  checkpoints, event log, registry (banditroute.core.storage.StorageConfig)
-    online:   whether the app starts the loop's actors itself (cluster.online.OnlineConfig)
+    learner:  the online learner (learner.config.LearnerConfig)
+    storage:  checkpoints, event log, registry (core.storage.StorageConfig)
+    online:   the loop's actors started with the application (OnlineConfig)
     prices:   expected USD cost of one call per pool model
+    up:       what only `banditroute up`'s local run reads: replayed traffic, cold start, output (UpConfig)
 
 Secrets never go in the file: upstreams and storage name the ENVIRONMENT
 VARIABLE that holds a key (``api_key_env``, ``access_key_id_env``). Any value
 can be overridden from the environment with double-underscore variables:
 ``BANDITROUTE__STORAGE__ENDPOINT_URL=http://minio:9000`` sets
 ``storage.endpoint_url`` (lower-cased; values are parsed as YAML scalars).
-Precedence: file < environment < explicit ``overrides``.
+Precedence: file < environment < explicit ``overrides`` (``--set`` flags,
+build_app's args). An override is a dotted key (``router.num_replicas``) or a
+whole section as a mapping, merged key by key into what the file says.
 
 Validation goes through ``banditroute.core.config.from_dict``: an unknown key or a
 value of the wrong type fails at load time with the dotted field name.
@@ -31,16 +37,19 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from banditroute.cluster.online import OnlineConfig
-from banditroute.core.names import ActorNames
+from banditroute.cluster.cold_start import ColdStartConfig
 from banditroute.core.config import ConfigError, OverrideText, from_dict, set_dotted
+from banditroute.core.names import DEFAULT_PREFIX, ActorNames
+from banditroute.core.storage import StorageConfig
 from banditroute.feedback.service import FeedbackConfig
 from banditroute.learner.config import LearnerConfig
 from banditroute.serve.config import RouterConfig
-from banditroute.core.storage import StorageConfig
 
 ENV_PREFIX = "BANDITROUTE__"
 """Environment variables ``BANDITROUTE__A__B=value`` override config key ``a.b``."""
+
+DEFAULT_MAX_DECISIONS = 3000
+"""Decisions a `banditroute up` run routes by default (about 5 minutes on a 2-core CPU box with MiniLM)."""
 
 
 @dataclass
@@ -130,8 +139,76 @@ class ServeDeployConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """The loop's actors (feedback, learner, parameter server), started with the application."""
+
+    enabled: bool = False
+    """Start (or find) the feedback, learner and parameter-server actors when the app is built, and wire the routers to them."""
+    initial_policy: str | None = None
+    """BaRP checkpoint that seeds the learner when storage holds no checkpoint yet (folder or storage URI); None = router.policy."""
+    actor_prefix: str = DEFAULT_PREFIX
+    """Actor names: <prefix>-feedback, <prefix>-learner, <prefix>-parameter-server (Ray namespace 'banditroute')."""
+    learner_num_cpus: float = 1.0
+    """Logical CPUs reserved for the learner actor (it trains with torch)."""
+    feedback_num_cpus: float = 0.5
+    """Logical CPUs reserved for the feedback actor (join, Parquet writes)."""
+
+    def validate(self) -> None:
+        if not self.actor_prefix:
+            raise ValueError("online.actor_prefix must not be empty")
+        if self.learner_num_cpus < 0 or self.feedback_num_cpus < 0:
+            raise ValueError("online.learner_num_cpus and online.feedback_num_cpus must be >= 0")
+
+    @property
+    def names(self) -> ActorNames:
+        return ActorNames.for_prefix(self.actor_prefix)
+
+
+@dataclass
+class UpConfig:
+    """`banditroute up`'s local run: the replayed traffic, the cold start, the output (nothing else reads it)."""
+
+    data: str | None = None
+    """Routing data replayed as traffic (RouterBench layout); None = ../shared/data/routerbench/train.parquet."""
+    max_decisions: int = DEFAULT_MAX_DECISIONS
+    """Stop after this many routed decisions (0 = run until Ctrl-C)."""
+    out: str = "runs/latest"
+    """Output folder: summary.json, learning_curve.png, and storage/run-<time> when storage.uri is not given."""
+    concurrency: int = 16
+    """Requests the replay driver keeps in flight."""
+    seed: int = 0
+    """Seeds the cold-start weights and the traffic (prompts, preferences); router.seed seeds the replicas' samplers."""
+    cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    """The random-weight starting policy, used when neither online.initial_policy nor router.policy is set."""
+    curve_window: int = 500
+    """Running mean reward = mean over the last this-many decisions (fewer at the start)."""
+    progress_interval_s: float = 2.0
+    """Seconds between progress updates (plain lines when stdout is not a terminal)."""
+    settle_timeout_s: float = 60.0
+    """At the end: seconds to wait for the learner to drain and every replica to serve the final version."""
+    ready_timeout_s: float = 300.0
+    """Seconds to wait for the router to answer /healthz."""
+    max_error_fraction: float = 0.2
+    """Abort when more than this share of requests fail (after at least 50 failures)."""
+
+    def validate(self) -> None:
+        if self.max_decisions < 0:
+            raise ValueError("up.max_decisions: must be >= 0")
+        if self.concurrency < 1:
+            raise ValueError("up.concurrency: must be >= 1")
+        if self.curve_window < 1:
+            raise ValueError("up.curve_window: must be >= 1")
+        if self.progress_interval_s <= 0:
+            raise ValueError("up.progress_interval_s: must be > 0")
+        if self.settle_timeout_s < 0 or self.ready_timeout_s <= 0:
+            raise ValueError("up.settle_timeout_s must be >= 0 and up.ready_timeout_s > 0")
+        if not 0 < self.max_error_fraction <= 1:
+            raise ValueError("up.max_error_fraction: must be in (0, 1]")
+
+
+@dataclass
 class AppConfig:
-    """The whole application: start mode, router, Serve knobs, feedback, learner, storage, prices."""
+    """The whole application: start mode, router, Serve knobs, feedback, learner, storage, online loop, prices, up."""
 
     start: StartConfig = field(default_factory=StartConfig)
     """How to reach Ray."""
@@ -149,6 +226,8 @@ class AppConfig:
     """The online loop (feedback, learner, parameter server) started with the application."""
     prices: dict[str, float] = field(default_factory=dict)
     """Expected USD cost of one call per pool model (model -> USD/call): feedback's default cost, identity registries."""
+    up: UpConfig = field(default_factory=UpConfig)
+    """`banditroute up`'s local run (replayed traffic, cold start, output); ignored by serve and build_app."""
 
     def validate(self) -> None:
         from banditroute.policy.model_registry import check_prices
@@ -181,16 +260,28 @@ def env_overrides(environ: Mapping[str, str] | None = None, prefix: str = ENV_PR
     return out
 
 
-def app_config_from_dict(
+def merge_app_data(
     data: Mapping[str, Any] | None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
-) -> AppConfig:
-    """AppConfig from a plain mapping, then env-var overrides, then explicit dotted overrides."""
-    merged: dict = _deep_copy(dict(data or {}))
+) -> dict[str, Any]:
+    """Plain nested data: ``data``, then ``BANDITROUTE__*`` env vars, then ``overrides`` (not validated yet).
+
+    An override key is dotted (``router.num_replicas``); a string value is
+    parsed as YAML unless its field is text; a mapping value is merged key by
+    key into the section it names (so ``{"router": {...}}`` keeps the
+    router keys the file sets and the mapping does not).
+    """
+    merged: dict = deep_merge({}, data or {})
     for source in (env_overrides(environ), overrides or {}):
         for key, value in source.items():
-            set_dotted(merged, key, OverrideText(value) if isinstance(value, str) else value)
+            _override(merged, key, value)
+    return merged
+
+
+def app_config_from_merged(merged: Mapping[str, Any]) -> AppConfig:
+    """Validate merged data (``merge_app_data``) as an AppConfig; errors are ConfigErrors naming the dotted field."""
+    merged = deep_merge({}, merged)
     try:
         online = merged.get("online")
         if isinstance(online, dict):
@@ -198,8 +289,11 @@ def app_config_from_dict(
             # section without a policy is complete once the loop is on.
             section = from_dict(OnlineConfig, online, prefix="online")
             router = merged.setdefault("router", {})
-            if section.enabled and isinstance(router, dict) and router.get("parameter_server_name") is None:
-                router["parameter_server_name"] = ActorNames.for_prefix(section.actor_prefix).parameter_server
+            if section.enabled:
+                if not isinstance(merged.get("storage"), dict) or "uri" not in merged["storage"]:
+                    raise ConfigError("storage: required when online.enabled (checkpoints and the event log live there)")
+                if isinstance(router, dict) and router.get("parameter_server_name") is None:
+                    router["parameter_server_name"] = section.names.parameter_server
         return from_dict(AppConfig, merged)
     except ConfigError:
         raise
@@ -207,27 +301,75 @@ def app_config_from_dict(
         raise ConfigError(str(exc)) from None
 
 
+def app_config_from_dict(
+    data: Mapping[str, Any] | None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> AppConfig:
+    """AppConfig from a plain mapping, then env-var overrides, then explicit overrides."""
+    return app_config_from_merged(merge_app_data(data, overrides, environ))
+
+
+def read_app_yaml(path: str | os.PathLike | None) -> dict[str, Any]:
+    """The mapping in an application config YAML file ({} for no file)."""
+    if path is None:
+        return {}
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return loaded
+
+
 def load_app_config(
     path: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> AppConfig:
-    """Load the application config from YAML (optional), ``BANDITROUTE__*`` env vars and dotted overrides.
+    """Load the application config from YAML (optional), ``BANDITROUTE__*`` env vars and overrides.
 
     ``environ`` defaults to ``os.environ`` (tests pass their own mapping).
     """
-    data: dict = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        data = loaded
-    return app_config_from_dict(data, overrides, environ)
+    return app_config_from_dict(read_app_yaml(path), overrides, environ)
 
 
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
+def app_config_from_args(args: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None) -> AppConfig:
+    """``build_app``'s args (the serveConfigV2 ``args``): AppConfig keys, as sections or dotted keys.
+
+    ``serve run banditroute.cluster.app:build_app router.policy=/ckpt router.num_replicas=2``
+    passes strings; a ``config`` key names an application YAML the other keys override.
+    """
+    args = dict(args or {})
+    return load_app_config(args.pop("config", None), args, environ)
+
+
+def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, section by section (copies; neither input changes)."""
+    out = {k: _copy(v) for k, v in base.items()}
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = _copy(value)
+    return out
+
+
+def _override(merged: dict, dotted_key: str, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        set_dotted(merged, dotted_key, OverrideText(value) if isinstance(value, str) else value)
+        return
+    *parents, last = dotted_key.split(".")
+    node = merged
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted_key}: {part} is not a section")
+    existing = node.get(last)
+    node[last] = deep_merge(existing, value) if isinstance(existing, dict) else _copy(value)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _copy(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
+        return [_copy(v) for v in value]
     return value

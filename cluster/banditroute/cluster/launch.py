@@ -55,7 +55,7 @@ def start_ray(app: AppConfig, **init_kwargs: Any) -> bool:
 
 
 def _router_args(router: RouterConfig) -> dict[str, Any]:
-    """RouterConfig keys that differ from the defaults (build_app fills in the rest)."""
+    """The ``router`` keys that differ from the defaults (build_app fills in the rest), minus the proxy's."""
     changed = _diff(to_dict(router), to_dict(RouterConfig()))
     return {k: v for k, v in changed.items() if k not in _PROXY_KEYS}
 
@@ -90,8 +90,8 @@ def serve_config_from_app(app: AppConfig) -> dict[str, Any]:
     builder sees a GPU) -- set a number for GPU workers.
     """
     r = app.router
-    args = _router_args(r)
-    args["storage"] = _changed(app.storage, keep=("uri", "region"))
+    # The builder's args are the application config itself (cluster.config), limited to what it reads.
+    args: dict[str, Any] = {"router": _router_args(r), "storage": _changed(app.storage, keep=("uri", "region"))}
     if app.prices:
         args["prices"] = dict(app.prices)
     if app.online.enabled:

@@ -1,19 +1,22 @@
-"""The online-learning loop that a Serve application brings up with itself.
+"""The one place the online loop is wired: three actors, and the router config that points at them.
 
-With ``online.enabled`` the application builder (``build_app``, run by
-``serve run``, ``serve deploy`` or KubeRay's RayService) creates -- or finds,
-since they are named and detached -- the parameter server, learner and
-feedback actors over the application's ``storage``, and points the Router
-replicas at them (weights from the parameter server, decisions to the
-feedback actor). So one RayService manifest brings up the whole loop, and a
-restarted head, learner or replica recovers from ``storage``.
+``start_online_loop(app)`` creates -- or finds, since they are named and
+detached -- the parameter server, learner and feedback actors over
+``app.storage``, and returns ``app.router`` wired to them: replicas pull
+weights from the parameter server, send decisions to the feedback actor
+(sink ``feedback-actor``) and reach the learner behind the admin API. The
+application builder (``build_app``, run by ``serve run``, ``serve deploy``
+or KubeRay's RayService, with ``online.enabled``), `banditroute up` and the
+tests all call it, so a restarted head, learner or replica recovers from
+``storage`` the same way everywhere.
 
 Starting point of the learner, in order:
 
 1. the newest checkpoint already in ``storage`` (a restart, an upgrade);
-2. ``online.initial_policy`` (a BaRP checkpoint folder: a local path in the
+2. the ``initial_state`` the caller passes (`banditroute up`'s cold or warm start);
+3. ``online.initial_policy`` (a BaRP checkpoint folder: a local path in the
    image, or a storage URI such as ``s3://bucket/policies/v1``);
-3. ``router.policy``.
+4. ``router.policy``.
 
 With none of them the build fails with a message naming
 ``online.initial_policy`` (a random policy routes badly for a long time; a
@@ -23,39 +26,46 @@ warm start from `banditroute train` is what production wants).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from banditroute.feedback.service import FeedbackConfig
-from banditroute.learner.config import LearnerConfig
-from banditroute.serve.config import RouterConfig
+from banditroute.cluster.config import AppConfig
+from banditroute.core.names import NAMESPACE, ActorNames
 from banditroute.core.storage import StorageConfig, open_storage
+from banditroute.feedback.actor import get_or_create_feedback_actor
+from banditroute.learner.actor import get_or_create_learner_actor
+from banditroute.learner.checkpoint import list_checkpoints
+from banditroute.learner.config import LearnerConfig
+from banditroute.learner.param_server import get_or_create_parameter_server
+from banditroute.serve.config import RouterConfig
 
 logger = logging.getLogger(__name__)
 
+FEEDBACK_SINK = "feedback-actor"
+"""The decision sink (serve.decision_sinks) that sends each decision to the loop's feedback actor."""
+
+
 @dataclass
-class OnlineConfig:
-    """The loop's actors, started by the application builder (cluster mode)."""
+class OnlineLoop:
+    """The loop's actors, and the router config wired to them."""
 
-    enabled: bool = False
-    """Start (or find) the feedback, learner and parameter-server actors when the app is built, and wire the routers to them."""
-    initial_policy: str | None = None
-    """BaRP checkpoint that seeds the learner when storage holds no checkpoint yet (folder or storage URI); None = router.policy."""
-    actor_prefix: str = "banditroute"
-    """Actor names: <prefix>-feedback, <prefix>-learner, <prefix>-parameter-server (Ray namespace 'banditroute')."""
-    learner_num_cpus: float = 1.0
-    """Logical CPUs reserved for the learner actor (it trains with torch)."""
-    feedback_num_cpus: float = 0.5
-    """Logical CPUs reserved for the feedback actor (join, Parquet writes)."""
+    router: RouterConfig
+    """``app.router`` pointed at the actors: no static policy, weights from the parameter server, decisions to feedback."""
+    parameter_server: Any
+    """Handle of the parameter-server actor."""
+    learner: Any
+    """Handle of the learner actor."""
+    feedback: Any
+    """Handle of the feedback actor."""
+    names: ActorNames
+    """The three actor names (namespace core.names.NAMESPACE)."""
+    learner_status: dict[str, Any]
+    """The learner's status once it answered (``start_version``, ``policy_version``, ...)."""
 
-    def validate(self) -> None:
-        if not self.actor_prefix:
-            raise ValueError("online.actor_prefix must not be empty")
-        if self.learner_num_cpus < 0 or self.feedback_num_cpus < 0:
-            raise ValueError("online.learner_num_cpus and online.feedback_num_cpus must be >= 0")
+    @property
+    def handles(self) -> dict[str, Any]:
+        return {"parameter_server": self.parameter_server, "learner": self.learner, "feedback": self.feedback}
 
 
 def initial_policy_state(location: str, storage: StorageConfig | None) -> dict[str, Any]:
@@ -66,29 +76,38 @@ def initial_policy_state(location: str, storage: StorageConfig | None) -> dict[s
 
 
 def has_checkpoint(storage: StorageConfig, learner: LearnerConfig) -> bool:
-    from banditroute.learner.checkpoint import list_checkpoints
-
     return bool(list_checkpoints(open_storage(storage).child(learner.checkpoint_prefix)))
 
 
-def start_online_loop(
-    router: RouterConfig,
-    online: OnlineConfig,
-    storage: StorageConfig,
-    feedback: FeedbackConfig,
-    learner: LearnerConfig,
-) -> RouterConfig:
-    """Create/find the loop's actors; return ``router`` wired to them (weights pulled, decisions sent)."""
-    from banditroute.learner.loop import ensure_online_loop
-    from banditroute.core.names import NAMESPACE
+def wire_router(router: RouterConfig, names: ActorNames) -> RouterConfig:
+    """A copy of ``router`` that takes weights from, sends decisions to, and administers the loop ``names``."""
+    wired = copy.deepcopy(router)
+    wired.policy = None  # replicas take the newest weights from the parameter server (at least the seed)
+    wired.parameter_server_name = names.parameter_server
+    wired.parameter_server_namespace = NAMESPACE
+    wired.learner_actor_name = names.learner  # behind the admin API's /v1/admin/policy/*
+    wired.decision_sink = FEEDBACK_SINK
+    wired.decision_sink_options = {"name": names.feedback, "namespace": NAMESPACE}
+    return wired
 
+
+def start_online_loop(app: AppConfig, initial_state: dict[str, Any] | None = None) -> OnlineLoop:
+    """Create/find the loop's actors for ``app``; return them with ``app.router`` wired to them.
+
+    Idempotent (named actors, ``get_if_exists``). ``initial_state`` (a
+    ``RoutingPolicy.state()``) seeds the learner when ``app.storage`` holds
+    no checkpoint; without it the seed is ``online.initial_policy`` or
+    ``router.policy`` (see the module docstring).
+    """
+    import ray
+
+    online, router, storage = app.online, app.router, app.storage
     online.validate()
     # The promotion gate must score what the replicas serve: one source for the exploration bounds.
-    learner = copy.deepcopy(learner)
-    learner.promotion.exploration_floor = router.exploration_floor
-    learner.promotion.exploration_ceiling = router.exploration_ceiling
-    initial_state = None
-    if not has_checkpoint(storage, learner):
+    learner_cfg = copy.deepcopy(app.learner)
+    learner_cfg.promotion.exploration_floor = router.exploration_floor
+    learner_cfg.promotion.exploration_ceiling = router.exploration_ceiling
+    if initial_state is None and not has_checkpoint(storage, learner_cfg):
         seed = online.initial_policy or router.policy
         if seed is None:
             raise ValueError(
@@ -96,53 +115,14 @@ def start_online_loop(
                 f"to start from (a folder in the image or a storage URI; `banditroute train` makes one)"
             )
         initial_state = initial_policy_state(seed, storage)
-    loop = ensure_online_loop(
-        storage, initial_state, feedback, learner, online.actor_prefix,
-        learner_num_cpus=online.learner_num_cpus, feedback_num_cpus=online.feedback_num_cpus,
-    )
-    names = loop["names"]
-    wired = copy.deepcopy(router)
-    wired.policy = None  # replicas take the newest weights from the parameter server (at least the seed)
-    wired.parameter_server_name = names["parameter_server"]
-    wired.parameter_server_namespace = NAMESPACE
-    wired.learner_actor_name = names["learner"]  # behind the admin API's /v1/admin/policy/*
-    wired.decision_sink = "feedback-actor"
-    wired.decision_sink_options = {"name": names["feedback"], "namespace": NAMESPACE}
-    logger.info("online loop ready (learner at v%s); routers use %s", loop["learner_status"]["policy_version"], names)
-    return wired
 
-
-def apply_prices(router: RouterConfig, prices: Mapping[str, float], feedback: FeedbackConfig) -> None:
-    """Put ``prices`` (USD per call) where they act.
-
-    - The feedback join uses them as a model's cost when neither the reward nor
-      the upstream reported one (``feedback.join.prices``; explicit entries there win).
-    - An identity policy's model registry (its live pool and prices) gets them
-      before any replica loads it; an unknown model is an error naming ``prices.<model>``.
-    A BaRP policy learns costs from rewards; prices for models outside its pool are ignored with a warning.
-    """
-    if not prices:
-        return
-    feedback.join.prices = {**dict(prices), **feedback.join.prices}
-    if router.policy is None:
-        return
-    from banditroute.policy.checkpoint import checkpoint_kind
-
-    if checkpoint_kind(router.policy) != "identity":
-        from banditroute.policy.barp import RoutingPolicy
-
-        pool = set(RoutingPolicy.load(router.policy).models)
-        unknown = sorted(set(prices) - pool)
-        if unknown:
-            logger.warning("prices: %s are not in the policy's pool %s; ignored by routing", unknown, sorted(pool))
-        return
-    from banditroute.policy.model_registry import REGISTRY_FILE, ModelRegistry, UnknownModelError
-
-    meta = json.loads((Path(router.policy) / "meta.json").read_text())
-    registry = ModelRegistry.load(meta.get("registry_uri") or Path(router.policy) / REGISTRY_FILE)
-    try:
-        registry.set_prices(dict(prices))
-    except UnknownModelError as exc:
-        bad = next((m for m in prices if m not in registry.models), None)
-        raise ValueError(f"prices.{bad}: {exc}") from None
-    registry.save()
+    names = online.names
+    ps = get_or_create_parameter_server(names.parameter_server, NAMESPACE, storage, learner_cfg.checkpoint_prefix)
+    learner = get_or_create_learner_actor(learner_cfg, storage, initial_state, name=names.learner,
+                                          parameter_server_name=names.parameter_server, num_cpus=online.learner_num_cpus)
+    status = ray.get(learner.status.remote())
+    feedback = get_or_create_feedback_actor(app.feedback, storage, names.feedback, learner_name=names.learner,
+                                            num_cpus=online.feedback_num_cpus)
+    ray.get(feedback.ping.remote())
+    logger.info("online loop ready (learner at v%s); routers use %s", status["policy_version"], names.as_dict())
+    return OnlineLoop(wire_router(router, names), ps, learner, feedback, names, status)

@@ -4,10 +4,13 @@ DecisionRecord: what a router replica decided (emitted for every request).
 RewardRecord:   the outcome a client reports for one decision.
 JoinedEvent:    a decision joined with its reward (what the learner trains on
                 and what the durable event log holds).
-WeightsSnapshot: a versioned set of policy weights (learner -> replicas).
+WeightsSnapshot: a versioned set of policy weights (learner -> replicas); it
+                owns the version (a policy takes its version from the snapshot
+                it loaded).
 
 Logged records have an Arrow schema so the event log is plain Parquet that
-any tool can read.
+any tool can read. Decisions travel from the router to the log as ONE kind of
+Arrow batch (DECISION_SCHEMA), built by ONE encoder: :func:`decisions_to_table`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,8 +39,8 @@ class DecisionRecord:
     """Unique id returned to the client; rewards refer to it."""
     time: float
     """Unix time of the decision."""
-    embedding: list[float]
-    """Prompt embedding (so the learner never re-encodes prompts)."""
+    embedding: list[float] | np.ndarray
+    """Prompt embedding (so the learner never re-encodes prompts); a float32 array on the serving path."""
     w_cost: float
     """Preference on the simplex: weight of cost (w_quality = 1 - w_cost)."""
     candidates: list[str]
@@ -136,8 +139,25 @@ EVENT_SCHEMA = pa.schema(
 )
 
 
+def _embedding_column(embeddings: Sequence[Any]) -> pa.Array:
+    """list<float32> column from per-row vectors: one float32 buffer plus offsets (no per-value Python objects)."""
+    rows = [np.asarray(e, dtype=np.float32).reshape(-1) for e in embeddings]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    flat = np.concatenate(rows) if rows else np.zeros(0, np.float32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.float32()))
+
+
 def decisions_to_table(records: Sequence[DecisionRecord]) -> pa.Table:
-    return pa.Table.from_pylist([r.to_dict() for r in records], schema=DECISION_SCHEMA)
+    """The Arrow batch (DECISION_SCHEMA) of ``records``: the one encoder of decisions, columnar.
+
+    The router hands its sink this batch, the local decision log and the
+    feedback service's log store it, and :func:`decisions_from_table` reads it back.
+    """
+    columns = {f.name: [getattr(r, f.name) for r in records] for f in DECISION_SCHEMA if f.name != "embedding"}
+    arrays = {name: pa.array(values, DECISION_SCHEMA.field(name).type) for name, values in columns.items()}
+    arrays["embedding"] = _embedding_column([r.embedding for r in records])
+    return pa.Table.from_arrays([arrays[f.name] for f in DECISION_SCHEMA], schema=DECISION_SCHEMA)
 
 
 def decisions_from_table(table: pa.Table) -> list[DecisionRecord]:
@@ -208,12 +228,17 @@ class EventBatch:
 
 @dataclass
 class WeightsSnapshot:
-    """A versioned policy state, as the parameter server hands it to replicas."""
+    """A versioned policy state, as the parameter server hands it to replicas.
+
+    The snapshot owns the version: a policy that loads it (``load_weights``,
+    ``policy.checkpoint.policy_from_snapshot``) serves ``policy_version``,
+    whatever version the state's meta was written with.
+    """
 
     policy_version: int
-    """Monotonic version; replicas only ever move forward."""
+    """Monotonic version of these weights; replicas only ever move forward."""
     state: dict[str, Any]
-    """``RoutingPolicy.state()``: numpy weights + meta (models, tau, encoder)."""
+    """``policy.state()``: kind, numpy weights + meta (models, tau, encoder)."""
     created_at: float = field(default_factory=time.time)
     """When the learner produced it (for freshness metrics)."""
     trained_through: float = 0.0
@@ -221,6 +246,10 @@ class WeightsSnapshot:
 
 
 class DecisionSink(Protocol):
-    """Where replicas send their decision records (durably, before they are forgotten)."""
+    """Where replicas send their decisions (durably, before they are forgotten): one Arrow batch per call."""
 
-    def emit(self, records: Iterable[DecisionRecord]) -> None: ...
+    def emit_table(self, table: pa.Table) -> None:
+        """Store ``table`` (DECISION_SCHEMA rows, see :func:`decisions_to_table`); durable when it returns, else raise."""
+        ...
+
+    def close(self) -> None: ...

@@ -57,16 +57,16 @@ from banditroute.learner.checkpoint import (
 from banditroute.learner.learner import LearnerConfig, OnlineLearner
 from banditroute.core.names import NAMESPACE, PARAMETER_SERVER_NAME
 from banditroute.learner.promotion import HoldoutBuffer, evaluate_candidate, split_holdout
-from banditroute.policy.barp import RoutingPolicy
+from banditroute.policy.barp import BarpPolicy
 from banditroute.core.records import WeightsSnapshot
 from banditroute.core.storage import StorageConfig, open_storage
 
 logger = logging.getLogger(__name__)
 
 
-def _clone(policy: RoutingPolicy) -> RoutingPolicy:
+def _clone(policy: BarpPolicy) -> BarpPolicy:
     """An independent copy (the candidate keeps training; the copy must not move with it)."""
-    return RoutingPolicy.from_state(policy.state())
+    return BarpPolicy.from_state(policy.state())
 
 
 class LearnerActor:
@@ -100,15 +100,15 @@ class LearnerActor:
             self.param_server = get_or_create_parameter_server(parameter_server_name, namespace, storage, config.checkpoint_prefix)
             ps_snapshot = ray.get(self.param_server.latest.remote())
             reserved = int(ray.get(self.param_server.reserved_version.remote()))
-        initial = RoutingPolicy.from_state(initial_state) if initial_state is not None else None
+        initial = BarpPolicy.from_state(initial_state) if initial_state is not None else None
         if ps_snapshot is not None and (initial is None or ps_snapshot.policy_version > initial.policy_version):
             # The freshest weights anyone serves: start from them unless a checkpoint is newer.
-            initial = RoutingPolicy.from_state(ps_snapshot.state)
+            initial = BarpPolicy.from_state(ps_snapshot.state)
             initial.meta.policy_version = ps_snapshot.policy_version
         self.learner = OnlineLearner.resume_or_start(self.ckpt_storage, initial, config)
 
         # The serving policy: what the parameter server holds, unless a promoted checkpoint is newer.
-        self.serving: RoutingPolicy | None = None
+        self.serving: BarpPolicy | None = None
         """The weights replicas serve when the gate is on (None: the gate is off, the candidate is served)."""
         self.serving_source: int | str | None = None
         """For pinned weights: the checkpoint version they came from."""
@@ -161,7 +161,7 @@ class LearnerActor:
         if not (self.gate.enabled or self.pinned):
             return  # no gate, no pin: the candidate is what is served
         if ps_snapshot is not None and (promoted is None or ps_snapshot.policy_version >= promoted):
-            self.serving = RoutingPolicy.from_state(ps_snapshot.state)
+            self.serving = BarpPolicy.from_state(ps_snapshot.state)
             self.serving.meta.policy_version = ps_snapshot.policy_version
             self.serving_trained_through = ps_snapshot.trained_through
         elif promoted is not None and promoted >= 0:
@@ -473,7 +473,7 @@ def seed_checkpoint(initial_state: dict[str, Any], storage: StorageConfig | dict
     if isinstance(storage, dict):
         storage = from_dict(StorageConfig, storage, prefix="storage")
     ckpt = open_storage(storage).child(prefix)
-    policy = RoutingPolicy.from_state(initial_state)
+    policy = BarpPolicy.from_state(initial_state)
     versions = list_checkpoints(ckpt)
     if versions and versions[-1] >= policy.policy_version:
         return None

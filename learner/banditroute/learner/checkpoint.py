@@ -2,7 +2,7 @@
 
 Layout under the checkpoint root (``<storage>/checkpoints`` by default)::
 
-    v000000000042/policy.pt        RoutingPolicy weights (torch.save of the state dict)
+    v000000000042/policy.pt        BarpPolicy weights (torch.save of the state dict)
     v000000000042/meta.json        PolicyMeta (models, tau, encoder, policy_version ...)
     v000000000042/learner.pkl      optimizer state (optional; resuming keeps Adam's moments)
     v000000000042/manifest.json    written LAST: a checkpoint without it is incomplete
@@ -17,7 +17,7 @@ holds the pin state, so a restarted learner keeps a pin.
 Each file is written atomically by :mod:`banditroute.core.storage`; the manifest
 is the commit point of the whole checkpoint, so a crash mid-checkpoint
 leaves an incomplete folder that readers skip. ``policy.pt`` + ``meta.json``
-is exactly what ``RoutingPolicy.load`` reads, so any checkpoint folder
+is exactly what ``BarpPolicy.load`` reads, so any checkpoint folder
 (downloaded from S3 or local) is also a policy checkpoint for `banditroute
 serve --policy` and `banditroute ope --policy`.
 """
@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from banditroute.policy.barp import META_FILE, WEIGHTS_FILE, RoutingPolicy
+from banditroute.policy.barp import BarpPolicy
+from banditroute.policy.base import META_FILE, WEIGHTS_FILE
 from banditroute.core.storage import Storage
 
 MANIFEST_FILE = "manifest.json"
@@ -58,7 +59,7 @@ def list_checkpoints(storage: Storage) -> list[int]:
 
 def save_checkpoint(
     storage: Storage,
-    policy: RoutingPolicy,
+    policy: BarpPolicy,
     learner_state: bytes | None = None,
     extra: dict[str, Any] | None = None,
     keep: int | None = None,
@@ -128,14 +129,14 @@ def write_promotion_state(storage: Storage, state: dict[str, Any]) -> None:
     storage.write_json(PROMOTION_STATE_FILE, state)
 
 
-def load_checkpoint(storage: Storage, version: int, device: str = "cpu") -> tuple[RoutingPolicy, bytes | None, dict[str, Any]]:
+def load_checkpoint(storage: Storage, version: int, device: str = "cpu") -> tuple[BarpPolicy, bytes | None, dict[str, Any]]:
     """(policy, optimizer state bytes or None, manifest) of checkpoint ``version``."""
     folder = checkpoint_dir(version)
     manifest = storage.read_json(f"{folder}/{MANIFEST_FILE}")
     with tempfile.TemporaryDirectory(prefix="banditroute-ckpt-") as tmp:
         for name in (WEIGHTS_FILE, META_FILE):
             (Path(tmp) / name).write_bytes(storage.read_bytes(f"{folder}/{name}"))
-        policy = RoutingPolicy.load(tmp, device=device)
+        policy = BarpPolicy.load(tmp, device=device)
     policy.meta.policy_version = int(manifest.get("policy_version", policy.meta.policy_version))
     learner_state = None
     if LEARNER_STATE_FILE in manifest.get("files", []):
@@ -145,7 +146,7 @@ def load_checkpoint(storage: Storage, version: int, device: str = "cpu") -> tupl
 
 def load_latest_checkpoint(
     storage: Storage, device: str = "cpu", promoted_only: bool = False
-) -> tuple[RoutingPolicy, bytes | None, dict[str, Any]] | None:
+) -> tuple[BarpPolicy, bytes | None, dict[str, Any]] | None:
     """The newest complete checkpoint (``promoted_only``: the newest whose weights were served), or None."""
     if promoted_only:
         version = newest_promoted_checkpoint(storage)

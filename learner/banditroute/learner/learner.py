@@ -39,7 +39,7 @@ from banditroute.learner.checkpoint import (
 )
 from banditroute.learner.module import MASK, PROPENSITIES, W_COST, BarpRLModule
 from banditroute.learner.config import LearnerConfig  # noqa: F401  (re-exported: its home before learner/config.py)
-from banditroute.policy.barp import RoutingPolicy
+from banditroute.policy.barp import BarpPolicy
 from banditroute.policy.losses import clipped_importance_weights, reinforce_loss, value_loss
 from banditroute.policy.reward import reward
 from banditroute.core.records import EventBatch, JoinedEvent, WeightsSnapshot, events_to_table
@@ -109,7 +109,7 @@ class TrainRows:
 
 
 def events_to_rows(
-    events: pa.Table | EventBatch | Sequence[JoinedEvent], policy: RoutingPolicy
+    events: pa.Table | EventBatch | Sequence[JoinedEvent], policy: BarpPolicy
 ) -> TrainRows:
     """Validate events against the policy and compute rewards (with the policy's tau).
 
@@ -123,7 +123,7 @@ def events_to_rows(
         events = events_to_table(list(events))
     if isinstance(events, pa.Table):
         table = events
-        expected_id = policy.meta.encoder_id
+        expected_id = policy.encoder_id
         if expected_id and "encoder_id" in table.column_names and len(table):
             ids = np.asarray(table.column("encoder_id").to_pylist(), dtype=object)
             ok = np.array([(not i) or i == expected_id for i in ids], dtype=bool)
@@ -135,12 +135,12 @@ def events_to_rows(
         batch = events
     n, k = len(batch), len(policy.models)
     empty = TrainRows(
-        np.zeros((0, policy.meta.embed_dim), np.float32), np.zeros(0, np.float32), np.zeros((0, k), bool),
+        np.zeros((0, policy.embed_dim), np.float32), np.zeros(0, np.float32), np.zeros((0, k), bool),
         np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32), skipped,
     )
     if n == 0:
         return empty
-    if batch.embeddings.shape[1] != policy.meta.embed_dim:
+    if batch.embeddings.shape[1] != policy.embed_dim:
         skipped["embedding_dim"] = skipped.get("embedding_dim", 0) + n
         return empty
     index = {m: i for i, m in enumerate(policy.models)}
@@ -231,7 +231,7 @@ class OnlineLearner:
     WeightsSnapshot to publish.
     """
 
-    def __init__(self, policy: RoutingPolicy, config: LearnerConfig | None = None, learner_state: bytes | None = None):
+    def __init__(self, policy: BarpPolicy, config: LearnerConfig | None = None, learner_state: bytes | None = None):
         self.config = config or LearnerConfig()
         self.config.validate()
         torch.manual_seed(self.config.seed)
@@ -267,11 +267,12 @@ class OnlineLearner:
 
     @property
     def policy_version(self) -> int:
-        return self.policy.meta.policy_version
+        """The version of the weights being trained; the learner mints each new one (``update``)."""
+        return self.policy.policy_version
 
     def ensure_version_at_least(self, version: int) -> None:
         """Versions never go backwards: continue counting above ``version`` (e.g. what replicas serve)."""
-        if version > self.policy.meta.policy_version:
+        if version > self.policy.policy_version:
             self.policy.meta.policy_version = int(version)
 
     def update(self, events: pa.Table | EventBatch | Sequence[JoinedEvent], trained_through: float | None = None) -> dict[str, Any]:
@@ -319,13 +320,8 @@ class OnlineLearner:
     # --- weights out ----------------------------------------------------------
 
     def snapshot(self) -> WeightsSnapshot:
-        """The current weights as a WeightsSnapshot (numpy, picklable)."""
-        return WeightsSnapshot(
-            policy_version=self.policy_version,
-            state=self.policy.state(),
-            created_at=time.time(),
-            trained_through=self.trained_through,
-        )
+        """The current weights as a WeightsSnapshot of their version (numpy, picklable)."""
+        return self.policy.snapshot(trained_through=self.trained_through)
 
     # --- checkpoints ----------------------------------------------------------
 
@@ -352,7 +348,7 @@ class OnlineLearner:
 
     @classmethod
     def resume_or_start(
-        cls, storage: Storage | None, initial: RoutingPolicy | None, config: LearnerConfig | None = None
+        cls, storage: Storage | None, initial: BarpPolicy | None, config: LearnerConfig | None = None
     ) -> "OnlineLearner":
         """Resume from the newest checkpoint in ``storage``; else start from ``initial``.
 

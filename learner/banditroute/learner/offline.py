@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from banditroute.learner.learner import LearnerConfig, OnlineLearner
 from banditroute.learner.promotion import evaluate_candidate
-from banditroute.policy.barp import RoutingPolicy
+from banditroute.policy.barp import BarpPolicy
 
 
 @dataclass
@@ -86,17 +86,17 @@ def offline_learner_config(online: LearnerConfig) -> LearnerConfig:
 
 def train_offline(
     events: pa.Table,
-    start: RoutingPolicy,
+    start: BarpPolicy,
     learner: LearnerConfig,
     cfg: OfflineRetrainConfig,
-    serving: RoutingPolicy | None = None,
-) -> tuple[RoutingPolicy, dict[str, Any]]:
+    serving: BarpPolicy | None = None,
+) -> tuple[BarpPolicy, dict[str, Any]]:
     """Train a copy of ``start`` on the log; returns (candidate, report with the gate's verdict vs ``serving``)."""
     cfg.validate()
     if len(events) < cfg.min_events:
         raise ValueError(f"the event log holds {len(events)} events in the window; min_events is {cfg.min_events}")
     train, holdout = split_recent(events, cfg.holdout_fraction)
-    candidate = RoutingPolicy.from_state(start.state())
+    candidate = BarpPolicy.from_state(start.state())
     candidate.meta.policy_version = start.policy_version
     trainer = OnlineLearner(candidate, offline_learner_config(learner))
     rng = np.random.default_rng(cfg.seed)

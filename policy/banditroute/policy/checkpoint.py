@@ -1,65 +1,68 @@
-"""Load any policy checkpoint: dispatch on the ``kind`` recorded in its meta.json.
+"""Policies by kind: the registry that checkpoint loading and weights snapshots go through.
 
-``barp`` (the default when a checkpoint predates the field) is
-:class:`banditroute.policy.barp.RoutingPolicy`, a fixed pool with one
-output per model; ``identity`` is
-:class:`banditroute.policy.identity_policy.IdentityPolicy`, any pool from
-the model registry. Both expose the same serving interface.
+Every checkpoint's meta.json, every ``policy.state()`` and so every
+WeightsSnapshot records the policy's ``kind``; :data:`POLICY_KINDS` maps it
+to the class (``barp`` when a checkpoint predates the field):
+
+* ``barp``: :class:`banditroute.policy.barp.BarpPolicy`, a fixed pool with one output per model;
+* ``identity``: :class:`banditroute.policy.identity_policy.IdentityPolicy`, any pool from the model registry.
+
+Both implement :class:`banditroute.policy.base.RoutingPolicy`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-META_FILE = "meta.json"
+from banditroute.core.records import WeightsSnapshot
+from banditroute.core.storage import StorageConfig, open_storage
+from banditroute.policy.barp import BarpPolicy
+from banditroute.policy.base import META_FILE, WEIGHTS_FILE, RoutingPolicy, kind_of, read_meta
+from banditroute.policy.identity_policy import IdentityPolicy
+
+POLICY_KINDS: dict[str, type[RoutingPolicy]] = {BarpPolicy.kind: BarpPolicy, IdentityPolicy.kind: IdentityPolicy}
+"""Policy classes by the ``kind`` their checkpoints and states record."""
 
 
-def _load_barp(directory: Path, device: str | torch.device, **_: Any):
-    from banditroute.policy.barp import RoutingPolicy
-
-    return RoutingPolicy.load(directory, device=device)
-
-
-def _load_identity(directory: Path, device: str | torch.device, **kwargs: Any):
-    from banditroute.policy.identity_policy import IdentityPolicy
-
-    return IdentityPolicy.load(directory, device=device, **kwargs)
-
-
-POLICY_KINDS: dict[str, Callable[..., Any]] = {"barp": _load_barp, "identity": _load_identity}
-"""Checkpoint loaders by meta.json ``kind``."""
+def policy_class(kind: str, where: str = "policy") -> type[RoutingPolicy]:
+    """The class registered for ``kind`` (ValueError naming ``where`` otherwise)."""
+    try:
+        return POLICY_KINDS[kind]
+    except KeyError:
+        raise ValueError(f"{where}: unknown policy kind {kind!r}; known: {sorted(POLICY_KINDS)}") from None
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """The ``kind`` of the checkpoint in folder ``path`` ('barp' when not recorded)."""
-    meta_path = Path(path) / META_FILE
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{path}: not a policy checkpoint (no {META_FILE})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{meta_path}: not valid JSON ({exc})") from None
-    kind = meta.get("kind", "barp") if isinstance(meta, dict) else None
-    if kind not in POLICY_KINDS:
-        raise ValueError(f"{path}: unknown policy kind {kind!r}; known: {sorted(POLICY_KINDS)}")
+    kind = kind_of(read_meta(path))
+    policy_class(kind, str(path))
     return kind
 
 
-def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: Any):
+def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: Any) -> RoutingPolicy:
     """Load the checkpoint in folder ``path`` as the policy class its ``kind`` names.
 
-    Extra keyword arguments go to the loader that takes them (e.g.
-    ``registry_refresh_s`` for identity policies).
+    Extra keyword arguments go to that class's ``load`` (e.g.
+    ``registry_refresh_s`` for identity policies; a kind ignores options it has no use for).
     """
     path = Path(os.path.expanduser(str(path)))
-    return POLICY_KINDS[checkpoint_kind(path)](path, device, **kwargs)
+    return policy_class(checkpoint_kind(path), str(path)).load(path, device=device, **kwargs)
+
+
+def policy_from_snapshot(snapshot: WeightsSnapshot, device: str | torch.device = "cpu") -> RoutingPolicy:
+    """The policy a weights snapshot holds (any kind), serving the snapshot's version."""
+    return policy_class(kind_of(snapshot.state["meta"]), "weights snapshot").from_snapshot(snapshot, device=device)
+
+
+def policy_from_state(state: dict[str, Any], device: str | torch.device = "cpu") -> RoutingPolicy:
+    """The policy of ``state()`` of any kind (its version: the one the state's meta records)."""
+    return policy_class(kind_of(state["meta"]), "policy state").from_state(state, device=device)
 
 
 def fetch_policy_folder(location: str, storage: Any, into: Path, field: str = "policy") -> Path:
@@ -68,9 +71,6 @@ def fetch_policy_folder(location: str, storage: Any, into: Path, field: str = "p
     A storage URI is read with ``storage``'s endpoint and credentials (a
     StorageConfig: same bucket, same access); errors name ``field``.
     """
-    from banditroute.policy.barp import WEIGHTS_FILE
-    from banditroute.core.storage import StorageConfig, open_storage
-
     local = location[len("file://"):] if location.startswith("file://") else location
     if "://" not in local:
         path = Path(local).expanduser()
@@ -85,13 +85,11 @@ def fetch_policy_folder(location: str, storage: Any, into: Path, field: str = "p
     return into
 
 
-def load_barp_policy(location: str, storage: Any = None, field: str = "policy"):
-    """The BaRP RoutingPolicy at ``location`` (folder or storage URI, read with ``storage``'s access); errors name ``field``."""
-    from banditroute.policy.barp import RoutingPolicy
-
+def load_barp_policy(location: str, storage: Any = None, field: str = "policy") -> BarpPolicy:
+    """The BaRP policy at ``location`` (folder or storage URI, read with ``storage``'s access); errors name ``field``."""
     with tempfile.TemporaryDirectory(prefix="banditroute-policy-") as tmp:
         folder = fetch_policy_folder(location, storage, Path(tmp), field)
         kind = checkpoint_kind(folder)
-        if kind != "barp":
+        if kind != BarpPolicy.kind:
             raise ValueError(f"{field}: a BaRP policy is needed here; {location} is {kind!r}")
-        return RoutingPolicy.load(folder)
+        return BarpPolicy.load(folder)

@@ -25,6 +25,7 @@ batched tensor ops, cheap on the GPU replica's decision path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported lazily: configs import the defaults and check_bounds
@@ -44,6 +45,24 @@ def check_bounds(floor: float, ceiling: float, prefix: str = "") -> None:
         raise ValueError(f"{prefix}exploration_ceiling must be in (0, 1], got {ceiling}")
     if floor > ceiling:
         raise ValueError(f"{prefix}exploration_floor ({floor}) must be <= {prefix}exploration_ceiling ({ceiling})")
+
+
+@dataclass(frozen=True)
+class ExplorationBounds:
+    """The explore-mode bounds one decision applies (serving, the offline trainers and the RLModule alike)."""
+
+    floor: float = DEFAULT_EXPLORATION_FLOOR
+    """Smallest probability a candidate is sampled with (capped at 1/K for K candidates)."""
+    ceiling: float = DEFAULT_EXPLORATION_CEILING
+    """Largest probability a candidate is sampled with (raised to 1/K for K candidates)."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self.floor, self.ceiling)
+
+    @classmethod
+    def off(cls) -> "ExplorationBounds":
+        """No bounds: explore samples the plain softmax."""
+        return cls(0.0, 1.0)
 
 
 def bounds_active(floor: float, ceiling: float) -> bool:

@@ -40,25 +40,15 @@ as beta >= 0 and the learned correction on top is bounded
 traffic the right way. The MLP and the attention learn that correction from
 bandit feedback only.
 
-Training (:func:`train_identity_policy`) reuses the BaRP trainer's loop
-(``policy/train.py``: BanditEnvironment reveals only the chosen model's
-reward; REINFORCE + learned baseline + entropy). Three augmentations teach
-the shared weights to generalise over models rather than memorise the
-training pool: a random subset of the pool is offered per request, each
-offered price (and the cost the environment charges for it) is scaled by a
-random log-normal factor, and a candidate's identity is sometimes replaced
-by the wider posterior fitted from a small random quiz (like an onboarded
-model's). The IRT is fitted first, on the logged outcomes of the training
-data (``irt_pulls_per_prompt`` > 0 restricts it to a sparse random log).
+Training lives in ``policy/identity_train.py`` (:func:`train_identity_policy`).
+State, snapshots, checkpoints and ``decide`` are ``policy.base.PolicyBase``'s;
+the identity policy adds its registry to each.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,30 +57,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from banditroute.core.config import from_dict, to_dict
-from banditroute.core.data import RoutingData
-from banditroute.policy.barp import Decisions, greedy_actions, preference_features, sample_actions
+from banditroute.policy.barp import preference_features
+from banditroute.policy.base import CHECKPOINT_FORMAT, PolicyBase
+from banditroute.policy.decide import DEFAULT_BOUNDS, Decisions, decide
 from banditroute.policy.encoders import EncoderConfig
-from banditroute.policy.irt import (
-    IrtConfig,
-    IrtModel,
-    ItemMaps,
-    expected_probability,
-    fit_identities,
-    fit_irt,
-    logit_moments,
-    population_prior,
-    single_threaded_torch,
-)
-from banditroute.policy.model_registry import REGISTRY_FILE, ModelEntry, ModelRegistry, UnknownModelError
-from banditroute.policy.reward import fit_tau
-from banditroute.policy.train import BanditLoopConfig
+from banditroute.policy.exploration import ExplorationBounds
+from banditroute.policy.irt import IrtConfig, ItemMaps, expected_probability, logit_moments
+from banditroute.policy.model_registry import REGISTRY_FILE, ModelRegistry, UnknownModelError
 
 KIND = "identity"
-TRAIN_MASKED_LOGIT = -1e9
-CHECKPOINT_FORMAT = 1
-WEIGHTS_FILE = "policy.pt"
-META_FILE = "meta.json"
 
 
 class CandidateSetError(ValueError):
@@ -142,56 +117,6 @@ class IdentityNetworkConfig:
 
 
 @dataclass
-class IdentityTrainConfig(BanditLoopConfig):
-    """Bandit training of the identity policy: the shared loop settings (other defaults) plus augmentations."""
-
-    epochs: int = 40
-    """Passes over the training prompts; each draws fresh preferences, subsets, prices and actions."""
-    learning_rate: float = 1e-3
-    """Adam learning rate."""
-    entropy_coef_start: float = 0.02
-    """Entropy bonus at the start (decays linearly)."""
-    entropy_coef_end: float = 0.001
-    """Entropy bonus at the end."""
-    subset_probability: float = 0.5
-    """Probability that a training request offers a random subset of the pool instead of all of it."""
-    min_candidates: int = 2
-    """Smallest random subset offered (capped at the pool size)."""
-    price_jitter: float = 0.5
-    """Std of the log-normal factor on each offered price (and on the cost charged for it); 0 = off."""
-    quiz_augmentation: float = 0.3
-    """Probability that a candidate's identity is replaced by a posterior fitted from a small random quiz."""
-    quiz_sizes: list[int] = field(default_factory=lambda: [10, 20, 30, 50])
-    """Quiz sizes of those replacement posteriors."""
-    quiz_bank_size: int = 8
-    """Replacement posteriors precomputed per model."""
-    irt_pulls_per_prompt: int = 0
-    """Outcomes per prompt the IRT may see (random models, a sparse log); 0 = every logged outcome."""
-    irt: IrtConfig = field(default_factory=IrtConfig)
-    """The variational IRT model that gives each model its identity."""
-    network: IdentityNetworkConfig = field(default_factory=IdentityNetworkConfig)
-    """Network shape."""
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("subset_probability", "quiz_augmentation"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"train.{name} must be in [0, 1]")
-        if self.min_candidates < 1:
-            raise ValueError("train.min_candidates must be >= 1")
-        if self.price_jitter < 0:
-            raise ValueError("train.price_jitter must be >= 0")
-        if not self.quiz_sizes or min(self.quiz_sizes) < 1:
-            raise ValueError("train.quiz_sizes must be a non-empty list of sizes >= 1")
-        if self.quiz_bank_size < 0:
-            raise ValueError("train.quiz_bank_size must be >= 0")
-        if self.irt_pulls_per_prompt < 0:
-            raise ValueError("train.irt_pulls_per_prompt must be >= 0")
-        self.irt.validate()
-        self.network.validate()
-
-
-@dataclass
 class IdentityMeta:
     """Everything besides the weights and the registry that an identity checkpoint carries."""
 
@@ -214,7 +139,7 @@ class IdentityMeta:
     registry_uri: str = ""
     """Where the live registry lives ('' = registry.json next to the weights; or a path / s3:// URI)."""
     policy_version: int = 0
-    """Monotonic version of these weights."""
+    """Version of these weights: from the snapshot or checkpoint they came in."""
     created_at: float = 0.0
     """Unix time the checkpoint was written."""
     training: dict[str, Any] = field(default_factory=dict)
@@ -222,7 +147,7 @@ class IdentityMeta:
     format: int = CHECKPOINT_FORMAT
     """Checkpoint format number."""
     kind: str = KIND
-    """Policy family ('identity'); load_policy dispatches on it."""
+    """Policy family ('identity'); ``banditroute.policy.checkpoint.POLICY_KINDS`` maps it to the class."""
 
 
 # --- network ---------------------------------------------------------------------------------
@@ -356,16 +281,15 @@ class IdentityDecisions(Decisions):
     """Model names: action k means models[k]; probabilities' columns follow it."""
 
 
-class IdentityPolicy:
+class IdentityPolicy(PolicyBase):
     """Identity network + registry (pool, identities, live prices) + tau + encoder.
 
-    Same public interface as :class:`banditroute.policy.barp.RoutingPolicy`
-    for serving (models, tau, policy_version, meta.encoder, meta.encoder_id,
-    candidate_mask, decide, state/from_state/load_weights, save/load), where
-    ``models`` is the registry's current pool.
+    A :class:`banditroute.policy.base.RoutingPolicy` whose ``models`` is the
+    registry's current pool; its state and checkpoints carry the registry.
     """
 
     kind = KIND
+    meta_class = IdentityMeta
 
     def __init__(
         self,
@@ -389,14 +313,6 @@ class IdentityPolicy:
         """The routable pool now (the registry's active models)."""
         self.registry.maybe_refresh()
         return self.registry.models
-
-    @property
-    def tau(self) -> float:
-        return self.meta.tau
-
-    @property
-    def policy_version(self) -> int:
-        return self.meta.policy_version
 
     @property
     def item_maps(self) -> ItemMaps:
@@ -511,8 +427,8 @@ class IdentityPolicy:
         return logits, pool
 
     def logits(self, embeddings, w_cost, mask=None) -> torch.Tensor:
-        """Masked logits (B, K) over ``models`` (same call as RoutingPolicy.logits; numpy or
-        device tensors). Build the mask from ``models`` read just before: the pool is live."""
+        """Masked logits (B, K) over ``models`` (numpy or device tensors). Build the mask
+        from ``models`` read just before: the pool is live."""
         return self.logits_for(embeddings, w_cost, mask)[0]
 
     def decide(
@@ -522,13 +438,12 @@ class IdentityPolicy:
         mask=None,
         explore: bool = False,
         generator: torch.Generator | None = None,
+        bounds: ExplorationBounds = DEFAULT_BOUNDS,
         prices: Sequence[float] | None = None,
     ) -> IdentityDecisions:
-        """Route a batch: sample (explore) or argmax (greedy) over each row's candidates."""
+        """Route a batch: sample within ``bounds`` (explore) or argmax (greedy) over each row's candidates."""
         logits, pool = self.logits_for(embeddings, w_cost, mask, prices=prices)
-        actions, props, probs = sample_actions(logits, generator) if explore else greedy_actions(logits)
-        stacked = torch.cat([actions.unsqueeze(1).float(), props.unsqueeze(1), probs], dim=1).cpu().numpy()
-        return IdentityDecisions(stacked[:, 0].astype(np.int64), stacked[:, 1], stacked[:, 2:], models=pool)
+        return IdentityDecisions(*Decisions.host_columns(decide(logits, explore, bounds, generator)), models=pool)
 
     def probabilities(self, embeddings, w_cost, candidates: Sequence[str]) -> dict[str, np.ndarray]:
         """{model: probability (B,)} when only ``candidates`` (in any order) are offered."""
@@ -538,236 +453,29 @@ class IdentityPolicy:
         probs = torch.softmax(logits, dim=-1).cpu().numpy()
         return {name: probs[:, k] for k, name in enumerate(pool)}
 
-    # --- weights snapshots ---------------------------------------------------------------
+    # --- what the registry adds to state and checkpoints ---------------------------------
 
-    def state(self) -> dict[str, Any]:
-        """Picklable snapshot: numpy weights, meta and the registry document."""
-        return {
-            "kind": KIND,
-            "weights": {k: v.detach().cpu().numpy() for k, v in self.network.state_dict().items()},
-            "meta": to_dict(self.meta),
-            "registry": self.registry.to_dict(),
-        }
+    def _extra_state(self) -> dict[str, Any]:
+        return {"registry": self.registry.to_dict()}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], device: str | torch.device = "cpu") -> "IdentityPolicy":
-        meta = from_dict(IdentityMeta, state["meta"])
-        policy = cls(meta, ModelRegistry.from_dict(state["registry"]), device=device)
-        policy.load_weights(state["weights"], state["meta"].get("policy_version", 0))
-        return policy
+    def _new_from_state(cls, meta: IdentityMeta, state: dict[str, Any], device: str | torch.device) -> "IdentityPolicy":
+        return cls(meta, ModelRegistry.from_dict(state["registry"]), device=device)
 
-    def load_weights(self, weights: dict[str, Any], policy_version: int) -> None:
-        """Swap in new weights in place (same architecture) and take their version."""
-        tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
+    def _load_network_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         self.network.load_state_dict(tensors)
         self.network.item_maps.requires_grad_(False)
-        self.meta.policy_version = int(policy_version)
 
-    # --- checkpoints ---------------------------------------------------------------------
-
-    def save(self, directory: str | os.PathLike, registry_path: str | os.PathLike | None = None) -> Path:
-        """Write policy.pt, meta.json and the registry (``registry.json`` beside them unless
-        the meta names another location); returns the directory."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.meta.created_at = time.time()
+    def _save_extra(self, directory: Path, registry_path: str | Path | None = None) -> None:
+        """The registry goes to ``registry_path``, else the meta's location, else ``registry.json`` beside the weights."""
         self.meta.models = self.registry.models
-        tmp = directory / (WEIGHTS_FILE + ".tmp")
-        torch.save({k: v.detach().cpu() for k, v in self.network.state_dict().items()}, tmp)
-        os.replace(tmp, directory / WEIGHTS_FILE)
-        target = registry_path or self.meta.registry_uri or directory / REGISTRY_FILE
-        self.registry.save(target)
-        meta_tmp = directory / (META_FILE + ".tmp")
-        meta_tmp.write_text(json.dumps(to_dict(self.meta), indent=2))
-        os.replace(meta_tmp, directory / META_FILE)
-        return directory
+        self.registry.save(registry_path or self.meta.registry_uri or directory / REGISTRY_FILE)
 
     @classmethod
-    def load(
-        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", registry_refresh_s: float | None = None
+    def _new_from_checkpoint(
+        cls, meta: IdentityMeta, directory: Path, device: str | torch.device, registry_refresh_s: float | None = None
     ) -> "IdentityPolicy":
-        """Load a checkpoint; the registry is opened at its live location (refreshed every
-        ``registry_refresh_s`` seconds when set, so another process's price change applies)."""
-        directory = Path(directory)
-        if not (directory / META_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
-            raise FileNotFoundError(f"{directory}: not a policy checkpoint (needs {META_FILE} and {WEIGHTS_FILE})")
-        raw = json.loads((directory / META_FILE).read_text())
-        if raw.get("kind") != KIND:
-            raise ValueError(f"{directory}: a {raw.get('kind', 'barp')!r} checkpoint, not an identity policy")
-        meta = from_dict(IdentityMeta, raw)
-        if meta.format != CHECKPOINT_FORMAT:
-            raise ValueError(f"{directory}: checkpoint format {meta.format}, this version reads {CHECKPOINT_FORMAT}")
+        """With the registry at its live location (refreshed every ``registry_refresh_s`` seconds when
+        set, so another process's price change applies)."""
         registry = ModelRegistry.load(meta.registry_uri or directory / REGISTRY_FILE, auto_refresh_s=registry_refresh_s)
-        policy = cls(meta, registry, device=device)
-        weights = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        policy.network.load_state_dict(weights)
-        policy.network.item_maps.requires_grad_(False)
-        return policy
-
-
-# --- training ---------------------------------------------------------------------------------
-
-
-def registry_from_irt(irt: IrtModel, data: RoutingData, prices: dict[str, float] | None = None) -> ModelRegistry:
-    """A registry of the IRT's models: identity = posterior, price = mean logged cost per call."""
-    mu, sigma = irt.posterior()
-    entries = []
-    for k, name in enumerate(irt.models):
-        col = data.model_index(name)
-        price = (prices or {}).get(name, float(np.mean(data.costs[:, col])))
-        entries.append(
-            ModelEntry(
-                name=name,
-                price=price,
-                mu=[float(v) for v in mu[k]],
-                sigma=[float(v) for v in sigma[k]],
-                n_observations=int((~np.isnan(data.scores[:, col])).sum()),
-                source="irt",
-                added_at=time.time(),
-            )
-        )
-    return ModelRegistry(irt.dim, entries)
-
-
-def sparse_log_scores(scores: np.ndarray, pulls_per_prompt: int, rng: np.random.Generator) -> np.ndarray:
-    """Keep ``pulls_per_prompt`` random observed outcomes per prompt (the rest NaN): a sparse log."""
-    out = np.full_like(scores, np.nan)
-    n, k = scores.shape
-    for i in range(n):
-        keep = rng.permutation(k)[:pulls_per_prompt]
-        out[i, keep] = scores[i, keep]
-    return out
-
-
-def quiz_bank(
-    item_maps: ItemMaps,
-    embeddings: np.ndarray,
-    scores: np.ndarray,
-    config: IdentityTrainConfig,
-    rng: np.random.Generator,
-    population: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma), each (K, R, d): R posteriors per model, each fitted from a small random quiz
-    under the population prior (as onboarding does), ``population`` = (mu, sigma) of the pool."""
-    n, k = scores.shape
-    r = config.quiz_bank_size
-    cols = np.full((n, k * r), np.nan, dtype=np.float32)
-    for m in range(k):
-        observed = np.flatnonzero(~np.isnan(scores[:, m]))
-        for j in range(r):
-            size = min(int(rng.choice(config.quiz_sizes)), len(observed))
-            if size == 0:
-                continue
-            rows = rng.choice(observed, size=size, replace=False)
-            cols[rows, m * r + j] = scores[rows, m]
-    prior_mu, prior_std = population_prior(*population) if population is not None and len(population[0]) >= 2 else (None, None)
-    mu, sigma = fit_identities(item_maps, embeddings, cols, config.irt, prior_std=prior_std, prior_mu=prior_mu)
-    d = item_maps.dim
-    return mu.reshape(k, r, d), sigma.reshape(k, r, d)
-
-
-def train_identity_policy(
-    data: RoutingData,
-    embeddings: np.ndarray,
-    config: IdentityTrainConfig,
-    encoder_config: EncoderConfig,
-    encoder_id: str,
-    tau: float | None = None,
-    irt: IrtModel | None = None,
-    device: str = "cpu",
-):
-    """Fit the IRT (unless given), then train the identity policy under bandit feedback.
-
-    Returns (policy, environment with the pull log, per-epoch metrics).
-    """
-    from banditroute.policy.train import BanditEnvironment, bandit_training_loop
-
-    config.validate()
-    if len(data) != len(embeddings):
-        raise ValueError(f"{len(data)} prompts but {len(embeddings)} embeddings")
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    aug_rng = np.random.default_rng([config.seed, 1])
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
-
-    tau = fit_tau(data.costs, config.tau_quantile) if tau is None else float(tau)
-    if irt is None:
-        scores = data.scores
-        if config.irt_pulls_per_prompt > 0:
-            scores = sparse_log_scores(scores, config.irt_pulls_per_prompt, np.random.default_rng([config.seed, 2]))
-        irt_cfg = IrtConfig(**{**asdict(config.irt), "seed": config.seed})
-        irt = fit_irt(embeddings, scores, data.models, irt_cfg)
-    elif list(irt.models) != list(data.models):
-        raise ValueError(f"the IRT model knows {irt.models}, the data has {list(data.models)}")
-    registry = registry_from_irt(irt, data)
-
-    meta = IdentityMeta(
-        models=list(data.models),
-        tau=tau,
-        embed_dim=int(embeddings.shape[1]),
-        identity_dim=irt.dim,
-        encoder=encoder_config,
-        encoder_id=encoder_id,
-        network=config.network,
-        irt=irt.config,
-    )
-    policy = IdentityPolicy(meta, registry, device=device)
-    net = policy.network
-    net.item_maps.load_state_dict(irt.item_maps.state_dict())
-    net.item_maps.requires_grad_(False)
-
-    k = data.n_models
-    _, mu_all, sigma_all, price_all = registry.snapshot(list(data.models))
-    if config.quiz_augmentation > 0 and config.quiz_bank_size > 0:
-        bank_mu, bank_sigma = quiz_bank(net.item_maps, embeddings, data.scores, config, aug_rng, (mu_all, sigma_all))
-    else:
-        bank_mu = bank_sigma = None
-    env = BanditEnvironment(data, tau)
-    emb_all = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
-    mu_t = torch.as_tensor(mu_all, device=device)
-    sigma_t = torch.as_tensor(sigma_all, device=device)
-    lo = min(config.min_candidates, k)
-
-    def step(rows: np.ndarray, w: np.ndarray, w_t: torch.Tensor):
-        b_size = len(rows)
-        # candidate subsets: keep the `size` models with the smallest random keys
-        mask = np.ones((b_size, k), dtype=bool)
-        subset = aug_rng.random(b_size) < config.subset_probability
-        if subset.any() and lo < k:
-            sizes = aug_rng.integers(lo, k + 1, size=b_size)
-            ranks = np.argsort(np.argsort(aug_rng.random((b_size, k)), axis=1), axis=1)
-            mask = np.where(subset[:, None], ranks < sizes[:, None], True)
-        # identities: the full posterior, or (sometimes) a small-quiz posterior
-        mu_b = mu_t.unsqueeze(0).expand(b_size, k, -1).clone()
-        sigma_b = sigma_t.unsqueeze(0).expand(b_size, k, -1).clone()
-        if bank_mu is not None:
-            swap = aug_rng.random((b_size, k)) < config.quiz_augmentation
-            if swap.any():
-                pick = aug_rng.integers(0, bank_mu.shape[1], size=(b_size, k))
-                ii, kk = np.nonzero(swap)
-                mu_b[ii, kk] = torch.as_tensor(bank_mu[kk, pick[ii, kk]], device=device)
-                sigma_b[ii, kk] = torch.as_tensor(bank_sigma[kk, pick[ii, kk]], device=device)
-        # prices: log-normal jitter, charged by the environment too
-        scale = np.exp(config.price_jitter * aug_rng.standard_normal((b_size, k))) if config.price_jitter > 0 else np.ones((b_size, k))
-        price_n = torch.as_tensor(np.minimum(price_all[None, :] * scale / tau, 1.0), dtype=torch.float32, device=device)
-        mask_t = torch.as_tensor(mask, device=device)
-        logits, value = net(emb_all[rows], w_t, mu_b, sigma_b, price_n, mask_t)
-        # A finite stand-in for -inf on non-offered models: losses.entropy computes
-        # where(p > 0, p * logp, 0), whose gradient is NaN at logp = -inf.
-        logits = logits.masked_fill(~mask_t, TRAIN_MASKED_LOGIT)
-        return logits, value, scale
-
-    with single_threaded_torch():
-        history = bandit_training_loop(
-            net, step, env, config, rng, generator, device, desc="training identity policy (bandit feedback)"
-        )
-    net.eval()
-    meta.training = {
-        "config": to_dict(config),
-        "data_fingerprint": data.fingerprint(),
-        "n_prompts": len(data),
-        "final_mean_reward": history[-1]["mean_reward"],
-        "pulls": int(sum(len(p["row"]) for p in env.pulls)),
-        "irt_observations": int((~np.isnan(data.scores)).sum()) if config.irt_pulls_per_prompt == 0 else len(data) * config.irt_pulls_per_prompt,
-    }
-    return policy, env, history
+        return cls(meta, registry, device=device)

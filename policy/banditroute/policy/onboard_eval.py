@@ -13,10 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from banditroute.core.data import DataError, RoutingData, split_by_prompt
-from banditroute.policy.identity_policy import (
-    IdentityTrainConfig,
-    train_identity_policy,
-)
+from banditroute.policy.identity_train import IdentityTrainConfig, train_identity_policy
 from banditroute.policy.onboard import (
     MIN_QUIZ_SIZE,
     QUIZ_STRATEGIES,

@@ -19,7 +19,7 @@ them:
   learner ever gets.
 * ``linucb``: bandit feedback only (the reward of the arm it pulled), like
   the policy, but with a linear model.
-* ``policy``: a trained ``RoutingPolicy`` checkpoint (bandit feedback only).
+* ``policy``: a trained policy checkpoint (bandit feedback only).
 * ``oracle``: the TEST outcomes; an upper bound, not a router.
 
 NaN scores count as 0 everywhere (``RoutingData.scores_filled``).
@@ -250,7 +250,7 @@ class OracleRouter:
 
 
 class PolicyRouter:
-    """A trained ``RoutingPolicy`` (BaRP checkpoint) with greedy decisions.
+    """A trained policy checkpoint (any kind, ``policy.checkpoint.load_policy``) with greedy decisions.
 
     The policy must know exactly the data's pool of models (any order); its
     actions are mapped by model name to ``test.models``.

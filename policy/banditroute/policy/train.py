@@ -3,8 +3,10 @@
 The trainer never sees the full outcome table. It talks to a
 ``BanditEnvironment`` that reveals, for each (prompt, preference, chosen
 model), the reward of that one model, exactly the feedback the router gets
-in production. Every pull is logged with its propensity, so the training
-run itself is a logged bandit data set.
+in production. Actions are decided as a Router replica decides them
+(``policy.decide.decide`` within the same exploration bounds), and every
+pull is logged with its propensity, so the training run itself is a logged
+bandit data set of the production exploration.
 """
 
 from __future__ import annotations
@@ -18,11 +20,17 @@ import pandas as pd
 import torch
 
 from banditroute.core.data import RoutingData
-from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy, sample_actions
+from banditroute.policy.barp import BarpPolicy, NetworkConfig, PolicyMeta
+from banditroute.policy.decide import decide
 from banditroute.policy.encoders import EncoderConfig
+from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR, ExplorationBounds, check_bounds
 from banditroute.policy.losses import reinforce_loss, value_loss
 from banditroute.policy.reward import DEFAULT_TAU_QUANTILE, fit_tau, reward, sample_w_cost
 from banditroute.core.progress import progress_bar
+
+TRAIN_MASKED_LOGIT = -1e9
+"""Finite stand-in for the -inf logit of a model not offered, in the loss: losses.entropy computes
+where(p > 0, p * logp, 0), whose gradient is NaN at logp = -inf."""
 
 
 @dataclass
@@ -49,6 +57,10 @@ class BanditLoopConfig:
     """tau = this quantile of per-call cost in the training data."""
     seed: int = 0
     """Seeds preferences, actions and initial weights."""
+    exploration_floor: float = DEFAULT_EXPLORATION_FLOOR
+    """Explore-mode floor on each candidate's sampling probability (as the Router replicas apply it)."""
+    exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING
+    """Explore-mode ceiling on each candidate's sampling probability (as the Router replicas apply it)."""
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -57,6 +69,11 @@ class BanditLoopConfig:
             raise ValueError("train.learning_rate must be > 0")
         if not 0 < self.tau_quantile <= 1:
             raise ValueError("train.tau_quantile must be in (0, 1]")
+        check_bounds(self.exploration_floor, self.exploration_ceiling, "train.")
+
+    @property
+    def exploration_bounds(self) -> ExplorationBounds:
+        return ExplorationBounds(self.exploration_floor, self.exploration_ceiling)
 
 
 @dataclass
@@ -144,12 +161,16 @@ def bandit_training_loop(
     """The REINFORCE + baseline + entropy loop shared by every bandit-trained policy.
 
     Per batch of prompts: draw preferences, call ``step(rows, w, w_t)`` for
-    (masked logits over the environment's models (B, K), value (B,),
-    optional per-(row, model) cost scale (B, K)), sample one model per row,
-    reveal ONLY its reward, and take one Adam step on ``module``. Returns
-    per-epoch metrics. On CPU, torch runs on ``cpu_threads`` threads meanwhile
-    (see :func:`torch_threads`).
+    (logits over the environment's models (B, K), -inf for a model not
+    offered, value (B,), optional per-(row, model) cost scale (B, K)), decide
+    one model per row as a Router replica explores (``policy.decide.decide``
+    within ``config``'s exploration bounds), reveal ONLY its reward, and take
+    one Adam step on ``module``. The policy gradient is weighted by
+    pi(a) / mu(a) (softmax over the bounded propensity it was sampled with), so
+    the bounds do not bias it. Returns per-epoch metrics. On CPU, torch runs
+    on ``cpu_threads`` threads meanwhile (see :func:`torch_threads`).
     """
+    bounds = config.exploration_bounds
     optimiser = torch.optim.Adam(
         [p for p in module.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -169,14 +190,19 @@ def bandit_training_loop(
                 w_t = torch.as_tensor(w, dtype=torch.float32, device=device)
                 logits, value, cost_scale = step(rows, w, w_t)
                 with torch.no_grad():
-                    actions, props, _ = sample_actions(logits.detach().cpu(), generator)
+                    host_logits = logits.detach().cpu()
+                    decided = decide(host_logits, True, bounds, generator)
+                    pi = torch.softmax(host_logits.float(), dim=-1).gather(1, decided.actions.unsqueeze(1)).squeeze(1)
+                    iw = pi / decided.propensities
+                actions = decided.actions
                 a_np = actions.numpy()
                 scale = None if cost_scale is None else np.asarray(cost_scale)[np.arange(len(rows)), a_np]
-                r = env.pull(rows, a_np, w, props.numpy(), cost_scale=scale)
+                r = env.pull(rows, a_np, w, decided.propensities.numpy(), cost_scale=scale)
                 r_t = torch.as_tensor(r, dtype=torch.float32, device=device)
                 frac = step_no / max(1, total_steps - 1)
                 entropy_coef = config.entropy_coef_start + frac * (config.entropy_coef_end - config.entropy_coef_start)
-                pg_loss, stats = reinforce_loss(logits, actions.to(device), r_t, value, entropy_coef)
+                loss_logits = logits.masked_fill(torch.isneginf(logits), TRAIN_MASKED_LOGIT)
+                pg_loss, stats = reinforce_loss(loss_logits, actions.to(device), r_t, value, entropy_coef, iw.to(device))
                 loss = pg_loss + config.value_coef * value_loss(value, r_t)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -200,7 +226,7 @@ def train_bandit_policy(
     encoder_config: EncoderConfig,
     encoder_id: str,
     device: str = "cpu",
-) -> tuple[RoutingPolicy, BanditEnvironment, list[dict[str, float]]]:
+) -> tuple[BarpPolicy, BanditEnvironment, list[dict[str, float]]]:
     """Train a policy with REINFORCE + baseline + entropy on bandit feedback.
 
     Returns the policy, the environment (its pull log holds every logged
@@ -222,7 +248,7 @@ def train_bandit_policy(
         encoder_id=encoder_id,
         network=config.network,
     )
-    policy = RoutingPolicy(meta, device=device)
+    policy = BarpPolicy(meta, device=device)
     net = policy.network
     env = BanditEnvironment(data, tau)
     emb_all = torch.as_tensor(embeddings, dtype=torch.float32, device=device)

@@ -1,14 +1,33 @@
 """Serving: Ray Serve router replicas with batched inference, the HTTP API and the replay upstream.
 
-Modules (only ``app`` and ``client`` import Ray; the rest are importable
-without it, so the raw benchmark runs on a machine with only torch and
-transformers):
+The application (built by ``banditroute.cluster.app:build_app``) is
+``RouterIngress`` (HTTP) -> ``Router`` (batched inference), plus
+``ReplayUpstream`` when replay is enabled; those deployment names are a
+contract (k8s manifests, serveConfigV2).
+
+Modules that import Ray:
+
+- ``router``: the ``Router`` deployment (RouterCore per replica, ``@serve.batch``,
+  decisions logged before answering, weights long-polled from the parameter server).
+- ``ingress``: the ``RouterIngress`` deployment: FastAPI routes, the one endpoint
+  wrapper (API key check, error responses, metrics), body limits, decision tokens,
+  and the Python API for DeploymentHandle callers.
+- ``openai_proxy``: ``/v1/chat/completions``: upstream calls, fallback, SSE relay, usage cost.
+- ``admin``: ``/v1/admin/*``: security report, the learner's promotion gate, pin/unpin.
+- ``replay_upstream``: the ``ReplayUpstream`` deployment.
+- ``metrics``: Serve metrics (no-ops outside a replica) and replica ids.
+- ``client``: ``RouterClient`` for in-cluster callers (DeploymentHandle).
+
+Modules importable without Ray (the raw benchmark runs on a machine with only
+torch and transformers):
 
 - ``config``: ``RouterConfig`` (+ ``UpstreamConfig``, ``ReplayConfig``).
-- ``core``: ``RouterCore``, the batched encoder + policy inference, no Ray.
-- ``protocol``: request parsing/validation shared by HTTP and the Python API.
-- ``decision_sinks``: ``DECISION_SINKS`` registry and the durable local log.
+- ``core``: ``RouterCore``, the batched encoder + policy inference.
+- ``protocol``: request parsing/validation shared by HTTP and the Python API, and
+  the one error type / error envelope (``RequestError``, ``error_body``).
+- ``feedback_endpoint``: ``/v1/feedback`` validation and the feedback actor's answers as HTTP.
+- ``decision_sinks``: ``DECISION_SINKS`` registry and the durable local log;
+  ``feedback_sink``: the "feedback-actor" sink.
 - ``replay``: an OpenAI-compatible server answering with logged responses.
-- ``app``: the Serve deployments ``RouterIngress`` and ``Router``, ``build_app``.
-- ``client``: ``RouterClient`` for in-cluster callers (DeploymentHandle).
+- ``http_client``: the documented client retry policy and an async HTTP client.
 """

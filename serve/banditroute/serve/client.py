@@ -24,7 +24,7 @@ from typing import Any
 
 from ray import serve
 
-from banditroute.serve.protocol import RequestError, parse_batch_body, parse_route_body
+from banditroute.serve.protocol import parse_batch_body, parse_route_body, router_error
 
 
 class RouterClient:
@@ -61,8 +61,7 @@ class RouterClient:
     @staticmethod
     def _answer(out: dict[str, Any]) -> dict[str, Any]:
         if "error" in out:
-            err = out["error"]
-            raise RequestError(int(err.get("status", 500)), err.get("field"), err["message"])
+            raise router_error(out["error"])
         return out["response"]
 
     async def route(self, prompt: str | None = None, *, messages: list | None = None, preference: dict | None = None,

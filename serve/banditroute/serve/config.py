@@ -13,11 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from banditroute.core.config import ConfigError, load_config
-from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR
+import yaml
+
+from banditroute.core.config import ConfigError, OverrideText, from_dict, load_config, set_dotted
 from banditroute.core.security import SecurityConfig
+from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR, check_bounds
+from banditroute.policy.reward import PreferenceError, preference_to_w_cost
+from banditroute.serve.decision_sinks import DECISION_SINKS
 
 ROUTE_MODES = ("explore", "greedy")
+"""Decision modes: sample from the policy (propensity logged) or take its argmax."""
 
 
 @dataclass
@@ -76,8 +81,6 @@ class PreferenceConfig:
     """Weight of USD cost."""
 
     def validate(self) -> None:
-        from banditroute.policy.reward import PreferenceError, preference_to_w_cost
-
         try:
             preference_to_w_cost(self.quality, self.cost)
         except PreferenceError as exc:
@@ -191,8 +194,6 @@ class RouterConfig:
             raise ValueError("num_gpus must be >= 0")
         if self.torch_threads < 0:
             raise ValueError("torch_threads must be >= 0")
-        from banditroute.policy.exploration import check_bounds
-
         check_bounds(self.exploration_floor, self.exploration_ceiling)
         if self.default_mode not in ROUTE_MODES:
             raise ValueError(f"default_mode must be one of {list(ROUTE_MODES)}, got {self.default_mode!r}")
@@ -200,8 +201,6 @@ class RouterConfig:
             raise ValueError("weights_poll_timeout_s and weights_retry_max_s must be > 0")
         if not self.route_prefix.startswith("/"):
             raise ValueError("route_prefix must start with '/'")
-        from banditroute.serve.decision_sinks import DECISION_SINKS
-
         if self.decision_sink not in DECISION_SINKS:
             raise ValueError(f"decision_sink: unknown sink {self.decision_sink!r}; known: {sorted(DECISION_SINKS)}")
         for name, up in self.upstreams.items():
@@ -209,11 +208,15 @@ class RouterConfig:
         if self.fallback_model is not None and self.fallback_model == self.router_model_name:
             raise ValueError("fallback_model must be a pool model, not the router's own name")
 
+    def default_w_cost(self) -> float:
+        """w_cost of ``default_preference`` (requests that give no preference)."""
+        return preference_to_w_cost(self.default_preference.quality, self.default_preference.cost)
+
     def resolved_num_gpus(self) -> float:
         """num_gpus with 'auto' decided here (the process building the app)."""
         if isinstance(self.num_gpus, str):
             try:
-                import torch
+                import torch  # lazily: building the app must not need torch (nor pay for importing it)
 
                 return 1.0 if torch.cuda.is_available() else 0.0
             except Exception:  # no torch in this process: nothing to schedule on
@@ -225,15 +228,16 @@ def load_router_config(path: str | os.PathLike | None = None, overrides: Mapping
     """RouterConfig from a YAML file (whole file, or its ``serve:`` section) plus dotted overrides."""
     if path is None:
         return load_config(RouterConfig, None, overrides)
-    import yaml
-
     loaded = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     section = loaded.get("serve") if isinstance(loaded.get("serve"), dict) else loaded
-    from banditroute.core.config import OverrideText, from_dict, set_dotted
-
     data = dict(section)
     for key, value in (overrides or {}).items():
         set_dotted(data, key, OverrideText(value) if isinstance(value, str) else value)
     return from_dict(RouterConfig, data)
+
+
+def as_router_config(config: Mapping[str, Any] | RouterConfig) -> RouterConfig:
+    """A deployment's constructor argument (a RouterConfig, or its dict form as build_app binds it)."""
+    return config if isinstance(config, RouterConfig) else from_dict(RouterConfig, dict(config))

@@ -7,16 +7,23 @@ benchmark drives it directly. Per batch it does exactly:
    texts clipped to what the encoder's token window can see (``tokenize``),
 2. ONE encoder forward (fp16 on GPU) that leaves the embeddings on the device,
 3. ONE host->device copy of the per-row inputs (w_cost, explore flag, candidate mask),
-4. ONE policy forward; explore rows are sampled and greedy rows argmaxed
-   from the same softmax,
+4. ONE policy forward, then ``policy.decide.decide``: explore rows are
+   sampled within the exploration bounds and greedy rows argmaxed (the same
+   rule the offline trainers and the RLModule use),
 5. ONE device->host copy of (action, propensity, probabilities, embedding).
+
+Each decided row is a ``records.DecisionRecord`` inside its RouteResult; the
+batch goes to the decision sink as the Arrow table of
+``records.decisions_to_table`` (:func:`decision_batch`), the one encoding of
+decisions from the router to the log.
 
 No per-request ``.cpu()``/``.item()``: a GPU replica is never launch- or
 sync-bound by the number of requests in the batch.
 
 Weights are swapped by replacing the policy REFERENCE under a lock; a batch
 reads the reference once, so every row of a batch is decided by one version
-and a swap lands between batches.
+and a swap lands between batches. The version served is the policy's, which
+is the version of the snapshot or checkpoint it was loaded from.
 
 This module must not import Ray (the raw benchmark runs where Ray is absent).
 """
@@ -28,22 +35,19 @@ import hashlib
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from banditroute.policy.barp import RoutingPolicy
+from banditroute.core.records import DecisionRecord, WeightsSnapshot, decisions_to_table, new_decision_id
+from banditroute.policy.base import RoutingPolicy
+from banditroute.policy.checkpoint import load_policy, policy_from_snapshot, policy_from_state
+from banditroute.policy.decide import decide
 from banditroute.policy.encoders import EncoderConfig, make_encoder, resolve_device
-from banditroute.policy.exploration import (
-    DEFAULT_EXPLORATION_CEILING,
-    DEFAULT_EXPLORATION_FLOOR,
-    bound_probabilities,
-    check_bounds,
-)
-from banditroute.core.records import DECISION_SCHEMA, DecisionRecord, WeightsSnapshot, new_decision_id
+from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR, ExplorationBounds
 
 ROUTE_MODES = ("explore", "greedy")
 CLIP_CHARS_PER_TOKEN = 6
@@ -69,62 +73,71 @@ class RouteRequest:
 
 @dataclass
 class RouteResult:
-    """The outcome of one RouteRequest: a decision, or an error naming the field."""
+    """The outcome of one RouteRequest: its decision, or an error naming the field."""
 
-    decision_id: str = ""
-    model: str = ""
-    """Chosen model."""
-    probability: float = 0.0
-    """Probability with which ``model`` was picked in this mode (1.0 when greedy)."""
-    probabilities: dict[str, float] = field(default_factory=dict)
-    """The policy's softmax over the candidates (sums to 1)."""
-    policy_version: int = -1
-    mode: str = "explore"
-    w_cost: float = 0.0
-    candidates: list[str] = field(default_factory=list)
-    time: float = 0.0
-    embedding: np.ndarray | None = field(default=None, repr=False)
-    """(d,) float32 prompt embedding."""
-    prompt_sha256: str = ""
-    encoder_id: str = ""
+    decision: DecisionRecord | None = None
+    """The decision (embedding as a float32 array); None when the request could not be routed."""
     error: dict[str, Any] | None = None
-    """{'status': 4xx/5xx, 'field': str, 'message': str} when the request could not be routed."""
+    """{'status': 4xx/5xx, 'field': str, 'message': str} when the request could not be routed (or logged)."""
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    def _decided(self) -> DecisionRecord:
+        if self.decision is None:
+            raise AttributeError(f"an unrouted request has no decision: {self.error}")
+        return self.decision
+
+    @property
+    def decision_id(self) -> str:
+        return self._decided().decision_id
+
+    @property
+    def model(self) -> str:
+        """Chosen model."""
+        return self._decided().chosen_model
+
+    @property
+    def probability(self) -> float:
+        """Probability with which ``model`` was picked in this mode (1.0 when greedy)."""
+        return self._decided().probability
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        """The distribution the decision was drawn from, over the candidates (sums to 1)."""
+        d = self._decided()
+        return dict(zip(d.candidates, d.candidate_probabilities))
+
+    @property
+    def policy_version(self) -> int:
+        return self._decided().policy_version
+
+    @property
+    def mode(self) -> str:
+        return self._decided().mode
+
+    @property
+    def embedding(self) -> np.ndarray:
+        """(d,) float32 prompt embedding."""
+        return self._decided().embedding
+
     def response(self) -> dict[str, Any]:
         """The /v1/route answer (the contract's keys, plus mode and w_cost)."""
+        d = self._decided()
         return {
-            "decision_id": self.decision_id,
-            "model": self.model,
-            "probability": self.probability,
+            "decision_id": d.decision_id,
+            "model": d.chosen_model,
+            "probability": d.probability,
             "probabilities": self.probabilities,
-            "policy_version": self.policy_version,
-            "mode": self.mode,
-            "w_cost": self.w_cost,
+            "policy_version": d.policy_version,
+            "mode": d.mode,
+            "w_cost": d.w_cost,
         }
 
     def record(self, upstream_cost: float | None = None, served_model: str | None = None) -> DecisionRecord:
-        """The DecisionRecord the learner needs (embedding inline)."""
-        emb = [] if self.embedding is None else self.embedding.astype(np.float32).tolist()
-        return DecisionRecord(
-            decision_id=self.decision_id,
-            time=self.time,
-            embedding=emb,
-            w_cost=float(self.w_cost),
-            candidates=list(self.candidates),
-            chosen_model=self.model,
-            probability=float(self.probability),
-            policy_version=int(self.policy_version),
-            mode=self.mode,
-            candidate_probabilities=[float(self.probabilities[m]) for m in self.candidates],
-            encoder_id=self.encoder_id,
-            prompt_sha256=self.prompt_sha256,
-            upstream_cost=upstream_cost,
-            served_model=served_model,
-        )
+        """The decision with what the upstream call added (its cost, the model that really answered)."""
+        return dataclasses.replace(self._decided(), upstream_cost=upstream_cost, served_model=served_model)
 
 
 def prompt_sha256(text: str) -> str:
@@ -143,64 +156,26 @@ def as_route_request(item: Any) -> RouteRequest:
     return RouteRequest(text=text, w_cost=float(w_cost), candidates=None if candidates is None else list(candidates), mode=mode)
 
 
-def decisions_table(
+def decision_batch(
     results: Sequence[RouteResult],
     upstream_costs: Sequence[float | None] | None = None,
     served_models: Sequence[str | None] | None = None,
 ) -> pa.Table:
-    """Arrow table (records.DECISION_SCHEMA) of successful results, built columnar (no per-row dicts)."""
-    rows = [r for r in results if r.ok]
-    n = len(rows)
-    dim = rows[0].embedding.shape[0] if n and rows[0].embedding is not None else 0
-    if n and dim:
-        flat = np.concatenate([r.embedding.astype(np.float32, copy=False) for r in rows])
-    else:
-        flat = np.zeros(0, np.float32)
-    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * dim, pa.int32())
-    emb = pa.ListArray.from_arrays(offsets, pa.array(flat, pa.float32()))
-    cols = {
-        "decision_id": pa.array([r.decision_id for r in rows], pa.string()),
-        "time": pa.array([r.time for r in rows], pa.float64()),
-        "embedding": emb,
-        "w_cost": pa.array([r.w_cost for r in rows], pa.float64()),
-        "candidates": pa.array([r.candidates for r in rows], pa.list_(pa.string())),
-        "chosen_model": pa.array([r.model for r in rows], pa.string()),
-        "probability": pa.array([r.probability for r in rows], pa.float64()),
-        "policy_version": pa.array([r.policy_version for r in rows], pa.int64()),
-        "mode": pa.array([r.mode for r in rows], pa.string()),
-        "candidate_probabilities": pa.array(
-            [[r.probabilities[m] for m in r.candidates] for r in rows], pa.list_(pa.float64())
-        ),
-        "encoder_id": pa.array([r.encoder_id for r in rows], pa.string()),
-        "prompt_sha256": pa.array([r.prompt_sha256 for r in rows], pa.string()),
-        "upstream_cost": pa.array(
-            list(upstream_costs) if upstream_costs is not None else [None] * n, pa.float64()
-        ),
-        "served_model": pa.array(list(served_models) if served_models is not None else [None] * n, pa.string()),
-    }
-    return pa.Table.from_arrays([cols[f.name].cast(f.type) for f in DECISION_SCHEMA], schema=DECISION_SCHEMA)
-
-
-def policy_from_state(state: dict[str, Any], device: Any = "cpu"):
-    """A policy from ``state()`` of any kind ('barp' unless the state says otherwise)."""
-    kind = state.get("kind") or state.get("meta", {}).get("kind", "barp")
-    if kind == "identity":
-        from banditroute.policy.identity_policy import IdentityPolicy
-
-        return IdentityPolicy.from_state(state, device=device)
-    if kind != "barp":
-        raise ValueError(f"unknown policy kind {kind!r} in weights snapshot")
-    return RoutingPolicy.from_state(state, device=device)
+    """The Arrow batch (records.DECISION_SCHEMA) a sink stores for the routed ``results`` (errors skipped),
+    with each upstream call's cost and answering model when the caller has them."""
+    n = len(results)
+    costs = list(upstream_costs) if upstream_costs is not None else [None] * n
+    served = list(served_models) if served_models is not None else [None] * n
+    return decisions_to_table([r.record(c, m) for r, c, m in zip(results, costs, served) if r.ok])
 
 
 class RouterCore:
     """An encoder + a routing policy on one device, deciding batches of requests.
 
-    The policy is any checkpoint kind with the serving interface of
-    ``policy.barp.RoutingPolicy`` (``models``, ``logits(emb, w_cost, mask)``,
-    ``meta.encoder``/``encoder_id``/``embed_dim``, ``state``/``from_state``):
-    'barp' and 'identity' (``policy.checkpoint.load_policy`` dispatches on the kind).
-    The pool (``models``) is read once per batch, since an identity policy's is live.
+    The policy is any ``policy.base.RoutingPolicy`` ('barp', 'identity': the
+    registry ``policy.checkpoint.POLICY_KINDS`` builds it from a checkpoint or
+    a weights snapshot). The pool (``models``) is read once per batch, since an
+    identity policy's is live.
     """
 
     def __init__(
@@ -213,20 +188,17 @@ class RouterCore:
         exploration_floor: float = DEFAULT_EXPLORATION_FLOOR,
         exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING,
     ):
-        check_bounds(exploration_floor, exploration_ceiling)
-        self.exploration_floor = float(exploration_floor)
-        self.exploration_ceiling = float(exploration_ceiling)
+        self.bounds = ExplorationBounds(float(exploration_floor), float(exploration_ceiling))
+        """What explore rows are sampled within (serving config exploration_floor / exploration_ceiling)."""
         if torch_threads > 0:
             torch.set_num_threads(int(torch_threads))
         self.device = policy.device
         if encoder is None:
-            enc_cfg = dataclasses.replace(policy.meta.encoder, device=str(self.device))
-            encoder = make_encoder(enc_cfg)
+            encoder = make_encoder(dataclasses.replace(policy.encoder, device=str(self.device)))
         self.encoder = encoder
         self.encoder_id = str(encoder.encoder_id)
-        self._check_compatible(policy.meta.encoder_id, policy.meta.embed_dim, "the checkpoint")
-        if hasattr(policy, "network"):
-            policy.network.eval()
+        self._check_compatible(policy.encoder_id, policy.embed_dim, "the checkpoint")
+        policy.network.eval()
         self._lock = threading.Lock()
         self._policy = policy
         self._generator: torch.Generator | None = None
@@ -253,8 +225,6 @@ class RouterCore:
     ) -> "RouterCore":
         """Load a policy checkpoint and build the encoder it was trained with, on ``device``."""
         dev = resolve_device(device)
-        from banditroute.policy.checkpoint import load_policy
-
         policy = load_policy(path, device=dev)
         return cls(policy, cls._make_encoder(policy, dev, encoder_overrides), seed=seed, torch_threads=torch_threads,
                    exploration_floor=exploration_floor, exploration_ceiling=exploration_ceiling)
@@ -268,21 +238,36 @@ class RouterCore:
         seed: int | None = None,
         torch_threads: int = 0,
         encoder_overrides: dict[str, Any] | None = None,
-        policy_version: int | None = None,
         exploration_floor: float = DEFAULT_EXPLORATION_FLOOR,
         exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING,
     ) -> "RouterCore":
-        """From ``RoutingPolicy.state()`` (e.g. a parameter server's WeightsSnapshot.state)."""
+        """From ``policy.state()`` of any kind (its version: the one the state's meta records)."""
         dev = resolve_device(device)
         policy = policy_from_state(state, device=dev)
-        if policy_version is not None:
-            policy.meta.policy_version = int(policy_version)
+        return cls(policy, cls._make_encoder(policy, dev, encoder_overrides), seed=seed, torch_threads=torch_threads,
+                   exploration_floor=exploration_floor, exploration_ceiling=exploration_ceiling)
+
+    @classmethod
+    def from_snapshot(
+        cls,
+        snapshot: WeightsSnapshot,
+        *,
+        device: str = "auto",
+        seed: int | None = None,
+        torch_threads: int = 0,
+        encoder_overrides: dict[str, Any] | None = None,
+        exploration_floor: float = DEFAULT_EXPLORATION_FLOOR,
+        exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING,
+    ) -> "RouterCore":
+        """From a parameter server's WeightsSnapshot, serving the snapshot's version."""
+        dev = resolve_device(device)
+        policy = policy_from_snapshot(snapshot, device=dev)
         return cls(policy, cls._make_encoder(policy, dev, encoder_overrides), seed=seed, torch_threads=torch_threads,
                    exploration_floor=exploration_floor, exploration_ceiling=exploration_ceiling)
 
     @staticmethod
     def _make_encoder(policy: RoutingPolicy, device: str, overrides: dict[str, Any] | None):
-        cfg: EncoderConfig = dataclasses.replace(policy.meta.encoder, device=device, **(overrides or {}))
+        cfg: EncoderConfig = dataclasses.replace(policy.encoder, device=device, **(overrides or {}))
         return make_encoder(cfg)
 
     def _check_compatible(self, encoder_id: str, embed_dim: int, what: str) -> None:
@@ -295,6 +280,14 @@ class RouterCore:
             raise ValueError(f"embedding size mismatch: {what} expects {embed_dim}, the encoder gives {self.encoder.dim}")
 
     # --- state ---------------------------------------------------------------
+
+    @property
+    def exploration_floor(self) -> float:
+        return self.bounds.floor
+
+    @property
+    def exploration_ceiling(self) -> float:
+        return self.bounds.ceiling
 
     @property
     def policy(self) -> RoutingPolicy:
@@ -320,10 +313,8 @@ class RouterCore:
             return current.policy_version
         meta = snapshot.state["meta"]
         self._check_compatible(meta.get("encoder_id", ""), meta["embed_dim"], f"snapshot v{snapshot.policy_version}")
-        fresh = policy_from_state(snapshot.state, device=self.device)
-        fresh.meta.policy_version = int(snapshot.policy_version)
-        if hasattr(fresh, "network"):
-            fresh.network.eval()
+        fresh = policy_from_snapshot(snapshot, device=self.device)
+        fresh.network.eval()
         with self._lock:
             self._policy = fresh
         return fresh.policy_version
@@ -397,7 +388,7 @@ class RouterCore:
             elif not isinstance(req.text, str) or not req.text:
                 err = {"status": 422, "field": "prompt", "message": "prompt must be a non-empty string"}
             if err is not None:
-                results[i] = RouteResult(error=err, mode=str(req.mode), policy_version=policy.policy_version)
+                results[i] = RouteResult(error=err)
                 continue
             host[i, 0] = req.w_cost
             host[i, 1] = 1.0 if req.mode == "explore" else 0.0
@@ -420,20 +411,21 @@ class RouterCore:
             req = reqs[i]
             cands = cand_lists[row]
             probs = out[row, 2 : 2 + n_models]
-            k = int(out[row, 0])
             results[i] = RouteResult(
-                decision_id=new_decision_id(),
-                model=models[k],
-                probability=float(out[row, 1]),
-                probabilities={m: float(probs[index[m]]) for m in cands},
-                policy_version=version,
-                mode=req.mode,
-                w_cost=float(req.w_cost),
-                candidates=cands,
-                time=now,
-                embedding=out[row, 2 + n_models : 2 + n_models + dim].copy(),
-                prompt_sha256=prompt_sha256(req.text),
-                encoder_id=self.encoder_id,
+                DecisionRecord(
+                    decision_id=new_decision_id(),
+                    time=now,
+                    embedding=out[row, 2 + n_models : 2 + n_models + dim].copy(),
+                    w_cost=float(req.w_cost),
+                    candidates=cands,
+                    chosen_model=models[int(out[row, 0])],
+                    probability=float(out[row, 1]),
+                    policy_version=version,
+                    mode=req.mode,
+                    candidate_probabilities=[float(probs[index[m]]) for m in cands],
+                    encoder_id=self.encoder_id,
+                    prompt_sha256=prompt_sha256(req.text),
+                )
             )
         return results  # type: ignore[return-value]
 
@@ -452,17 +444,9 @@ class RouterCore:
                 inputs = inputs.pin_memory()
             inputs = inputs.to(self.device, non_blocking=True)
             w_cost, explore, mask = inputs[:, 0], inputs[:, 1] > 0.5, inputs[:, 2:] > 0.5
-            logits = policy.logits(emb, w_cost, mask)
-            probs = torch.softmax(logits.float(), dim=-1)
-            # Explore rows sample from the BOUNDED distribution (policy.exploration) and
-            # report it, so the logged propensity is what was really sampled from; greedy
-            # rows keep the plain softmax (and propensity 1).
-            bounded = bound_probabilities(probs, mask, self.exploration_floor, self.exploration_ceiling)
-            probs = torch.where(explore.unsqueeze(1), bounded, probs)
-            sampled = torch.multinomial(probs, 1, generator=self._generator).squeeze(1)
-            greedy = probs.argmax(dim=-1)
-            actions = torch.where(explore, sampled, greedy)
-            chosen_p = probs.gather(1, actions.unsqueeze(1)).squeeze(1)
-            propensity = torch.where(explore, chosen_p, torch.ones_like(chosen_p))
-            packed = torch.cat([actions.unsqueeze(1).float(), propensity.unsqueeze(1), probs, emb.float()], dim=1)
+            decided = decide(policy.logits(emb, w_cost, mask), explore, self.bounds, self._generator, mask)
+            packed = torch.cat(
+                [decided.actions.unsqueeze(1).float(), decided.propensities.unsqueeze(1), decided.probabilities, emb.float()],
+                dim=1,
+            )
             return packed.cpu().numpy()  # the batch's single device->host copy

@@ -1,12 +1,11 @@
-"""Where router replicas send their DecisionRecords: a registry of sinks.
+"""Where router replicas send their decisions: a registry of sinks.
 
-A sink is constructed as ``SinkClass(options: dict)`` and must implement
-``emit(records: Iterable[DecisionRecord]) -> None`` (records.DecisionSink).
-It MAY also implement ``emit_table(table: pyarrow.Table)`` (rows in
-records.DECISION_SCHEMA), which the Router prefers because it builds the
-batch's table columnar, without per-row dicts. ``close()`` is optional.
+A sink is constructed as ``SinkClass(options: dict)`` and implements
+records.DecisionSink: ``emit_table(table: pyarrow.Table)``, one Arrow batch
+of decisions (records.DECISION_SCHEMA, built by records.decisions_to_table;
+the Router's is ``serve.core.decision_batch``), and ``close()``.
 
-Contract: when ``emit``/``emit_table`` returns, the records are durable (or
+Contract: when ``emit_table`` returns, the decisions are durable (or
 handed to something that is); on failure it raises, and the Router then
 answers the affected requests with 503 instead of acknowledging decisions
 that could be lost. The Router calls it from a worker thread (never on the
@@ -23,12 +22,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import pyarrow as pa
 
 from banditroute.serve.feedback_sink import FeedbackActorSink
-from banditroute.core.records import DECISION_SCHEMA, DecisionRecord, decisions_from_table, decisions_to_table
+from banditroute.core.records import DECISION_SCHEMA, DecisionRecord, DecisionSink, decisions_from_table
 
 SEGMENT_SUFFIX = ".arrows"
 
@@ -91,11 +90,6 @@ class LocalDecisionLog:
                 self._file.close()
                 self._writer, self._file = None, None
 
-    def emit(self, records: Iterable[DecisionRecord]) -> None:
-        records = list(records)
-        if records:
-            self.emit_table(decisions_to_table(records))
-
     def emit_table(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
@@ -120,22 +114,21 @@ class NullDecisionSink:
         if options:
             raise ValueError(f"decision_sink_options: the 'null' sink takes no options, got {sorted(options)}")
 
-    def emit(self, records: Iterable[DecisionRecord]) -> None:
-        for _ in records:
-            pass
-
     def emit_table(self, table: pa.Table) -> None:
         return None
 
+    def close(self) -> None:
+        return None
 
-DECISION_SINKS: dict[str, Callable[[dict[str, Any]], Any]] = {
+
+DECISION_SINKS: dict[str, Callable[[dict[str, Any]], DecisionSink]] = {
     "local": LocalDecisionLog,
     "null": NullDecisionSink,
     "feedback-actor": FeedbackActorSink,  # -> the feedback actor (banditroute.serve.feedback_sink)
 }
 
 
-def make_decision_sink(name: str, options: dict[str, Any] | None = None) -> Any:
+def make_decision_sink(name: str, options: dict[str, Any] | None = None) -> DecisionSink:
     """The sink registered under ``name``, built with ``options``."""
     try:
         cls = DECISION_SINKS[name]

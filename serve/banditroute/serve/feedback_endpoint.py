@@ -1,4 +1,4 @@
-"""``POST /v1/feedback``: the handler logic (the Serve ingress calls :func:`handle_feedback`).
+"""``POST /v1/feedback``: the handler logic (the Serve ingress, serve/ingress.py, calls :func:`handle_feedback`).
 
 Body: ``{"decision_id": str, "score": float in [0, 1]}`` plus optional
 ``"cost": float in [0, security.max_reward_cost_usd]`` (USD; default: the cost
@@ -6,11 +6,13 @@ the upstream reported when the router proxied the call, else 0). Values are
 validated, never clipped: an out-of-range value is refused (422), not bent.
 
 ``decision_id`` is the signed decision token the router answered
-(banditroute/security.py): the ingress verifies it BEFORE anything reaches the
+(core/security.py): the ingress verifies it BEFORE anything reaches the
 feedback actor and hands the actor the raw id it binds (with
 ``security.require_signed_tokens: false`` raw ids are sent and accepted).
 
-Answers (status, JSON body); ``decision_id`` in answers is the id the client sent:
+Answers (status, JSON body); ``decision_id`` in answers is the id the client sent. Every
+error is a ``protocol.RequestError`` / ``protocol.error_body`` envelope
+``{"error": {"message", "field", "type"}}``:
 
 =====  ============================================================================
 200    ``{"status": "accepted", "trained": true, ...}``: the joined event is durable
@@ -44,66 +46,52 @@ import math
 import time
 from typing import Any, Callable
 
-from banditroute.core.names import FEEDBACK_ACTOR_NAME
-from banditroute.core.names import NAMESPACE
+from banditroute.core.names import FEEDBACK_ACTOR_NAME, NAMESPACE
 from banditroute.core.records import RewardRecord
-from banditroute.serve.protocol import short_repr
+from banditroute.serve.protocol import RETRY_AFTER, RequestError, error_body, short_repr
 
 ALLOWED_FIELDS = ("decision_id", "score", "cost")
-RETRY_AFTER_S = 1
-
-
-class FeedbackError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.field = status, message, field
-
-    def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"error": {"message": self.message, "type": "invalid_request_error" if self.status < 500 else "unavailable"}}
-        if self.field is not None:
-            out["error"]["field"] = self.field
-        return out
 
 
 def _number(value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FeedbackError(422, f"{field} must be a number, got {type(value).__name__}", field)
+        raise RequestError(422, field, f"{field} must be a number, got {type(value).__name__}")
     try:
         number = float(value)
     except OverflowError:  # an int beyond float range
-        raise FeedbackError(422, f"{field} is out of range", field) from None
+        raise RequestError(422, field, f"{field} is out of range") from None
     if not math.isfinite(number):
-        raise FeedbackError(422, f"{field} must be finite", field)
+        raise RequestError(422, field, f"{field} must be finite")
     return number
 
 
 def parse_feedback_body(body: Any, now: float | None = None, max_cost_usd: float | None = None) -> RewardRecord:
-    """Validate a /v1/feedback body into a RewardRecord (FeedbackError naming the field otherwise).
+    """Validate a /v1/feedback body into a RewardRecord (RequestError naming the field otherwise).
 
     ``max_cost_usd``: the largest cost accepted (security.max_reward_cost_usd); None = no upper bound.
     """
     if not isinstance(body, dict):
-        raise FeedbackError(400, "the body must be a JSON object with decision_id and score", "body")
+        raise RequestError(400, "body", "the body must be a JSON object with decision_id and score")
     unknown = sorted(set(body) - set(ALLOWED_FIELDS))
     if unknown:
-        raise FeedbackError(422, f"unknown field(s) {short_repr(unknown, 200)}; allowed: {list(ALLOWED_FIELDS)}", unknown[0][:200] or "<empty key>")
+        raise RequestError(422, unknown[0][:200] or "<empty key>", f"unknown field(s) {short_repr(unknown, 200)}; allowed: {list(ALLOWED_FIELDS)}")
     if "decision_id" not in body or body["decision_id"] is None:
-        raise FeedbackError(422, "decision_id is required", "decision_id")
+        raise RequestError(422, "decision_id", "decision_id is required")
     decision_id = body["decision_id"]
     if not isinstance(decision_id, str) or not decision_id.strip():
-        raise FeedbackError(422, "decision_id must be a non-empty string", "decision_id")
+        raise RequestError(422, "decision_id", "decision_id must be a non-empty string")
     if "score" not in body or body["score"] is None:
-        raise FeedbackError(422, "score is required", "score")
+        raise RequestError(422, "score", "score is required")
     score = _number(body["score"], "score")
     if not 0.0 <= score <= 1.0:
-        raise FeedbackError(422, f"score must be in [0, 1], got {score}", "score")
+        raise RequestError(422, "score", f"score must be in [0, 1], got {score}")
     cost = None
     if body.get("cost") is not None:
         cost = _number(body["cost"], "cost")
         if cost < 0:
-            raise FeedbackError(422, f"cost must be >= 0, got {cost}", "cost")
+            raise RequestError(422, "cost", f"cost must be >= 0, got {cost}")
         if max_cost_usd is not None and cost > max_cost_usd:
-            raise FeedbackError(422, f"cost must be <= {max_cost_usd:g} USD (security.max_reward_cost_usd), got {cost}", "cost")
+            raise RequestError(422, "cost", f"cost must be <= {max_cost_usd:g} USD (security.max_reward_cost_usd), got {cost}")
     return RewardRecord(decision_id=decision_id, score=score, cost=cost, time=time.time() if now is None else now)
 
 
@@ -127,7 +115,7 @@ async def _feedback_actor(name: str, namespace: str | None) -> Any:
     """The named feedback actor's handle, cached per (name, namespace) until a call through it fails."""
     key = (name, namespace)
     if key not in _ACTORS:
-        import ray
+        import ray  # lazily: this module's parsing and HTTP mapping are used (and tested) without Ray
 
         _ACTORS[key] = await asyncio.to_thread(ray.get_actor, name, namespace)
     return _ACTORS[key]
@@ -135,7 +123,7 @@ async def _feedback_actor(name: str, namespace: str | None) -> Any:
 
 async def submit(reward: RewardRecord, actor: Any = None, name: str = FEEDBACK_ACTOR_NAME,
                  namespace: str | None = NAMESPACE, timeout_s: float = 30.0) -> dict[str, Any]:
-    """Send one reward to the feedback actor and wait for its answer.
+    """Send one reward to the feedback actor and wait for its answer (RequestError 503 when it is unreachable).
 
     Any failure (timeout included) drops the cached handle, so the next
     request looks the name up again: a handle to an actor that was killed
@@ -146,35 +134,30 @@ async def submit(reward: RewardRecord, actor: Any = None, name: str = FEEDBACK_A
         return await asyncio.wait_for(handle.submit_reward.remote(reward), timeout_s)
     except asyncio.TimeoutError:
         _ACTORS.pop((name, namespace), None)
-        raise FeedbackError(503, f"the feedback actor did not answer within {timeout_s:.0f}s") from None
-    except FeedbackError:
-        raise
+        raise RequestError(503, None, f"the feedback actor did not answer within {timeout_s:.0f}s", headers=RETRY_AFTER) from None
     except Exception as exc:  # actor missing or restarting
         _ACTORS.pop((name, namespace), None)
-        raise FeedbackError(503, f"the feedback actor is unavailable: {type(exc).__name__}: {str(exc)[:200]}") from None
+        raise RequestError(503, None, f"the feedback actor is unavailable: {type(exc).__name__}: {str(exc)[:200]}",
+                           headers=RETRY_AFTER) from None
 
 
 async def handle_feedback(body: Any, actor: Any = None, name: str = FEEDBACK_ACTOR_NAME,
                           namespace: str | None = NAMESPACE, timeout_s: float = 30.0,
                           resolve_decision_id: Callable[[str], str] | None = None,
                           max_cost_usd: float | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """(HTTP status, JSON body, headers) for one POST /v1/feedback body.
+    """(HTTP status, JSON body, headers) of the feedback actor's answer to one POST /v1/feedback body.
 
-    ``resolve_decision_id`` maps the id the client sent (a signed token) to the
-    raw decision id, or raises FeedbackError (401/410); it runs after the body
-    is validated and before anything is sent to the actor.
+    A body refused before the actor is asked (invalid, bad token) or an
+    unreachable actor raises RequestError. ``resolve_decision_id`` maps the id
+    the client sent (a signed token) to the raw decision id, or raises
+    RequestError (401/410); it runs after the body is validated and before
+    anything is sent to the actor.
     """
-    try:
-        reward = parse_feedback_body(body, max_cost_usd=max_cost_usd)
-        sent_id = reward.decision_id
-        if resolve_decision_id is not None:
-            reward.decision_id = resolve_decision_id(sent_id)
-        ack = await submit(reward, actor, name, namespace, timeout_s)
-    except FeedbackError as err:
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 503 else {}
-        if err.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="banditroute"'
-        return err.status, err.body(), headers
+    reward = parse_feedback_body(body, max_cost_usd=max_cost_usd)
+    sent_id = reward.decision_id
+    if resolve_decision_id is not None:
+        reward.decision_id = resolve_decision_id(sent_id)
+    ack = await submit(reward, actor, name, namespace, timeout_s)
     if resolve_decision_id is not None:
         ack = dict(ack, decision_id=sent_id)  # answer with the id the client knows
     return ack_to_http(ack)
@@ -189,14 +172,13 @@ def ack_to_http(ack: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str
                      "model": ack.get("model"), "policy_version": ack.get("policy_version"), "cost": ack.get("cost"),
                      "reward_time": ack.get("reward_time")}, {}
     if status == "duplicate":  # replayed: idempotent, nothing changed; 409 so a replay is visible, clients treat it as done
-        body = FeedbackError(409, "a reward for this decision_id was already accepted (first reward wins); nothing changed",
-                             "decision_id").body()
+        body = error_body(409, "a reward for this decision_id was already accepted (first reward wins); nothing changed", "decision_id")
         return 409, dict(body, status="duplicate", decision_id=did, trained=False, durable=True), {}
     if status == "late":
         return 200, {"status": "late", "decision_id": did, "trained": False, "durable": True,
                      "finished_as": ack.get("finished_as")}, {}
     if status == "unknown":
-        return 404, FeedbackError(404, ack.get("error") or f"unknown decision_id {short_repr(did)}", "decision_id").body(), {}
+        return 404, error_body(404, ack.get("error") or f"unknown decision_id {short_repr(did)}", "decision_id"), {}
     if status == "invalid":
-        return 422, FeedbackError(422, ack.get("error", "invalid reward"), ack.get("field")).body(), {}
-    return 503, FeedbackError(503, ack.get("error") or "feedback unavailable").body(), {"Retry-After": str(RETRY_AFTER_S)}
+        return 422, error_body(422, ack.get("error", "invalid reward"), ack.get("field")), {}
+    return 503, error_body(503, ack.get("error") or "feedback unavailable"), dict(RETRY_AFTER)

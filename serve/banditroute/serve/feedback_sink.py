@@ -45,7 +45,7 @@ class FeedbackActorSink:
         self.rows_sent = 0
 
     def _handle(self):
-        import ray
+        import ray  # lazily: the sink registry (and so RouterConfig) is imported where Ray is absent or not yet needed
 
         with self._lock:
             if self._actor is None:
@@ -65,7 +65,7 @@ class FeedbackActorSink:
         """
         if table.num_rows == 0:
             return
-        import ray
+        import ray  # lazily, as in _handle
 
         deadline = time.monotonic() + self.timeout_s
         backoff = 0.05

@@ -2,8 +2,11 @@
 
 Everything a client can get wrong is caught here and raised as a
 ``RequestError`` carrying the HTTP status (400/413/422) and the name of the
-offending field, which the ingress turns into
-``{"error": {"message": ..., "field": ...}}``. Nothing here imports Ray.
+offending field. ``RequestError`` and ``error_body`` are also the one error
+type and the one error envelope of every other HTTP error path (API keys,
+decision tokens, feedback, upstreams, the replay server):
+``{"error": {"message": ..., "field": ..., "type": ...}}``. Nothing here
+imports Ray.
 """
 
 from __future__ import annotations
@@ -13,24 +16,52 @@ import re
 from typing import Any, Sequence
 
 from banditroute.policy.reward import PreferenceError, preference_to_w_cost
+from banditroute.serve.config import ROUTE_MODES
 from banditroute.serve.core import RouteRequest
 
-ROUTE_MODES = ("explore", "greedy")
+
+# Headers some errors carry: a 401 names the auth scheme; a 503 of a restarting actor says when to retry.
+WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="banditroute"'}
+RETRY_AFTER_S = 1
+RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_S)}
+
+
+def error_body(status: int, message: str, field: str | None = None, type_: str | None = None) -> dict[str, Any]:
+    """The error envelope of every HTTP error this package answers (ingress, feedback, replay upstream).
+
+    ``type_`` defaults by status: 'unavailable' for 5xx, else 'invalid_request_error'; callers name
+    'authentication_error' (401 API key), 'permission_error' (403), 'upstream_error', 'not_found'.
+    """
+    if type_ is None:
+        type_ = "unavailable" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "field": field, "type": type_}}
 
 
 class RequestError(ValueError):
-    """A client error: HTTP ``status``, the ``field`` it is about, and a message."""
+    """A refused request: HTTP ``status``, the ``field`` it is about (None: no single field), a message.
 
-    def __init__(self, status: int, field: str, message: str):
+    The one exception every HTTP error path raises; ``to_json`` is its body
+    (:func:`error_body`), ``headers`` go on the answer (``WWW-Authenticate``
+    on a 401, ``Retry-After`` on a retryable 503).
+    """
+
+    def __init__(self, status: int, field: str | None, message: str, *, type_: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.field, self.message = int(status), field, message
+        self.type = type_
+        self.headers = dict(headers or {})
 
     def to_json(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "field": self.field, "type": "invalid_request_error"}}
+        return error_body(self.status, self.message, self.field, self.type)
+
+    def __reduce__(self):  # picklable with its keyword state (raised through DeploymentHandles)
+        return RequestError, (self.status, self.field, self.message), {"type": self.type, "headers": self.headers}
 
 
-def error_body(message: str, field: str | None = None, type_: str = "invalid_request_error") -> dict[str, Any]:
-    return {"error": {"message": message, "field": field, "type": type_}}
+def router_error(error: dict[str, Any]) -> RequestError:
+    """A Router replica's per-request error (``{"status", "field", "message"}``) as a RequestError."""
+    return RequestError(int(error.get("status", 500)), error.get("field"), error["message"])
 
 
 def short_repr(value: Any, limit: int = 80) -> str:

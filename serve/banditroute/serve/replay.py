@@ -12,8 +12,9 @@ alone is tried as well. Unknown prompt, unknown model, or no logged answer
 for that pair: 404 with a JSON error naming the field.
 
 ``ReplayServer`` runs aiohttp on its own thread and event loop; the Serve app
-starts one inside its ``ReplayUpstream`` deployment when replay is enabled,
-and tests or benches can start one directly. No Ray here.
+starts one inside its ``ReplayUpstream`` deployment (serve/replay_upstream.py)
+when replay is enabled, and tests or benches can start one directly. No Ray
+here. Errors are the package's one envelope (``protocol.error_body``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import uuid
 from typing import Any
 
 import numpy as np
+from aiohttp import web
 
 from banditroute.core.data import RoutingData, load_routing_data, resolve_data_path
 from banditroute.serve.core import prompt_sha256
-from banditroute.serve.protocol import RequestError, messages_to_text
+from banditroute.serve.protocol import RequestError, error_body, messages_to_text
 
 
 class ReplayIndex:
@@ -63,10 +65,8 @@ class ReplayIndex:
         return self.data.responses[row, k], float(self.data.costs[row, k]), score if np.isfinite(score) else float("nan")
 
 
-def _error(status: int, message: str, field: str | None, type_: str = "invalid_request_error"):
-    from aiohttp import web
-
-    return web.json_response({"error": {"message": message, "field": field, "type": type_}}, status=status)
+def _error(status: int, message: str, field: str | None, type_: str | None = None):
+    return web.json_response(error_body(status, message, field, type_), status=status)
 
 
 def _lookup_texts(body: dict[str, Any]) -> list[str]:
@@ -87,7 +87,6 @@ def _approx_tokens(text: str) -> int:
 
 def build_replay_app(index: ReplayIndex, stream_chunk_chars: int = 48):
     """The aiohttp application: POST /v1/chat/completions, GET /v1/models, GET /healthz."""
-    from aiohttp import web
 
     async def chat(request: web.Request) -> web.StreamResponse:
         try:
@@ -104,7 +103,7 @@ def build_replay_app(index: ReplayIndex, stream_chunk_chars: int = 48):
         try:
             texts = _lookup_texts(body)
         except RequestError as exc:
-            return _error(exc.status, exc.message, exc.field)
+            return _error(exc.status, exc.message, exc.field, exc.type)
         row = index.find_row(texts)
         if row is None:
             return _error(404, "replay: this prompt is not in the routing data (exact text match required)", "messages", "not_found")
@@ -206,8 +205,6 @@ class ReplayServer:
         return self.base_url
 
     def _run(self) -> None:
-        from aiohttp import web
-
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self._loop = loop
@@ -238,7 +235,7 @@ class ReplayServer:
 
 def _node_ip() -> str:
     try:
-        import ray.util
+        import ray.util  # lazily: importing Ray is slow, and only a wildcard bind needs the node's address
 
         return ray.util.get_node_ip_address()
     except Exception:  # noqa: BLE001 - no Ray: this host

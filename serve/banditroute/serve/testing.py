@@ -2,7 +2,7 @@
 
 - ``synthetic_routing_data``: RouterBench-layout data with logged responses,
   so the replay upstream can answer.
-- ``hashing_policy``: a RoutingPolicy on the 'hashing' encoder (random
+- ``hashing_policy``: a BaRP policy on the 'hashing' encoder (random
   weights, or trained for a few epochs under bandit feedback).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from banditroute.core.data import RoutingData
-from banditroute.policy.barp import NetworkConfig, PolicyMeta, RoutingPolicy
+from banditroute.policy.barp import BarpPolicy, NetworkConfig, PolicyMeta
 from banditroute.policy.encoders import EncoderConfig, HashingEncoder
 
 DEFAULT_MODELS = ("big-model", "mid-model", "small-model")
@@ -50,7 +50,7 @@ def hashing_policy(
     seed: int = 0,
     policy_version: int = 0,
     hidden_dim: int = 32,
-) -> RoutingPolicy:
+) -> BarpPolicy:
     """A small random-weight policy on the hashing encoder (deterministic for a seed)."""
     import torch
 
@@ -65,10 +65,10 @@ def hashing_policy(
         network=NetworkConfig(hidden_dim=hidden_dim, n_hidden_layers=1, preference_dim=8),
         policy_version=policy_version,
     )
-    return RoutingPolicy(meta)
+    return BarpPolicy(meta)
 
 
-def trained_hashing_policy(data: RoutingData, epochs: int = 3, dim: int = 64, seed: int = 0) -> RoutingPolicy:
+def trained_hashing_policy(data: RoutingData, epochs: int = 3, dim: int = 64, seed: int = 0) -> BarpPolicy:
     """A hashing-encoder policy trained briefly with policy.train.train_bandit_policy."""
     from banditroute.policy.train import TrainConfig, train_bandit_policy
 

@@ -107,45 +107,45 @@ def start_loop(port: int, workdir: str, feedback_storage: StorageConfig | None =
     import ray
     from ray import serve
 
+    from banditroute.cluster.app import router_application
+    from banditroute.cluster.online import wire_router
+    from banditroute.cluster.up import wait_healthy
     from banditroute.core.actors import get_or_create_detached_actor
+    from banditroute.core.names import NAMESPACE, ActorNames
     from banditroute.feedback.actor import FeedbackActor
     from banditroute.learner.actor import get_or_create_learner_actor
-    from banditroute.learner.loop import _wait_healthy
-    from banditroute.core.names import NAMESPACE
     from banditroute.learner.param_server import get_or_create_parameter_server
-    from banditroute.cluster.app import build_app
     from banditroute.serve.config import RouterConfig
     from banditroute.serve.testing import hashing_policy
 
+    # The actors by hand, not cluster.online.start_online_loop: the faults need the feedback actor on its own
+    # storage and without task retries. The router is wired to them the one way (wire_router).
     prefix = f"f{uuid.uuid4().hex[:8]}"
-    names = {k: f"{prefix}-{k}" for k in ("ps", "learner", "feedback")}
+    names = ActorNames.for_prefix(prefix)
     data = make_routing_data(60, seed=3)
     policy = hashing_policy(models=data.models, dim=64)
     storage = StorageConfig(uri=os.path.join(workdir, prefix, "storage"))
     feedback_storage = feedback_storage or storage
-    ps = get_or_create_parameter_server(names["ps"], NAMESPACE, storage)
+    ps = get_or_create_parameter_server(names.parameter_server, NAMESPACE, storage)
     learner = get_or_create_learner_actor(
-        {"checkpoint_every": 3, "replay_sample": 16}, storage, policy.state(), name=names["learner"],
-        parameter_server_name=names["ps"], num_cpus=0.1,
+        {"checkpoint_every": 3, "replay_sample": 16}, storage, policy.state(), name=names.learner,
+        parameter_server_name=names.parameter_server, num_cpus=0.1,
     )
     start = ray.get(learner.status.remote())["policy_version"]
     settings = {"learner_batch_size": 8, "learner_max_delay_s": 0.05, "unknown_grace_s": 0.5,
                 "spool_dir": os.path.join(workdir, prefix, "spool"), "spool_drain_interval_s": 0.2}
     settings.update(feedback or {})
     fb = get_or_create_detached_actor(
-        FeedbackActor, names["feedback"], NAMESPACE, settings, feedback_storage, names["learner"], NAMESPACE,
+        FeedbackActor, names.feedback, NAMESPACE, settings, feedback_storage, names.learner, NAMESPACE,
         max_concurrency=10_000, num_cpus=0.1, max_task_retries=0,
     )
     ray.get(fb.ping.remote())
-    cfg = RouterConfig(
-        policy=None, app_name=prefix, num_replicas=replicas, num_cpus=0.1, num_gpus=0.0, ingress_num_cpus=0.1, torch_threads=1,
-        seed=0, decision_sink="feedback-actor", decision_sink_options={"name": names["feedback"], "namespace": NAMESPACE},
-        parameter_server_name=names["ps"], parameter_server_namespace=NAMESPACE, weights_poll_timeout_s=1.0,
-    )
-    serve.run(build_app(cfg), name=prefix, route_prefix=f"/{prefix}", blocking=False)
+    router = RouterConfig(app_name=prefix, num_replicas=replicas, num_cpus=0.1, num_gpus=0.0, ingress_num_cpus=0.1,
+                          torch_threads=1, seed=0, weights_poll_timeout_s=1.0)
+    serve.run(router_application(wire_router(router, names)), name=prefix, route_prefix=f"/{prefix}", blocking=False)
     base = f"http://127.0.0.1:{port}/{prefix}"
-    _wait_healthy(base, 120, replicas)
-    return Loop(base, names, ps, learner, fb, storage, feedback_storage, prefix, data, start)
+    wait_healthy(base, 120)
+    return Loop(base, names.as_dict(), ps, learner, fb, storage, feedback_storage, prefix, data, start)
 
 
 # --- traffic with the client retry policy ---------------------------------------------------

@@ -327,7 +327,7 @@ def deploy_secured_app(folder: Path, port: int, app_name: str) -> dict[str, Any]
         "security": {"route_api_keys_env": KEY_ENVS["route"], "feedback_api_keys_env": KEY_ENVS["feedback"],
                      "admin_api_keys_env": KEY_ENVS["admin"], "max_body_bytes": MAX_BODY_BYTES, "max_reward_cost_usd": 10.0},
     }
-    serve.run(build_app(config), name=app_name, route_prefix="/")
+    serve.run(build_app({"router": config}), name=app_name, route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     with httpx.Client(base_url=base, timeout=30, trust_env=False) as client:

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_configs(args: argparse.Namespace):
     from banditroute.cli.commands.train import load_train_and_encoder_configs
-    from banditroute.policy.identity_policy import IdentityTrainConfig
+    from banditroute.policy.identity_train import IdentityTrainConfig
 
     train_cfg, enc_cfg = load_train_and_encoder_configs(args.config, args.set, args.device, IdentityTrainConfig)
     if args.epochs is not None:

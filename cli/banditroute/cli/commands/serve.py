@@ -1,4 +1,5 @@
-"""`banditroute serve`: start a local Ray, the Serve HTTP proxy and the router app; block until Ctrl-C."""
+"""`banditroute serve`: start a local Ray (or join the cluster ``start`` names), the Serve HTTP proxy and the
+router app of an application config; block until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import argparse
 import os
 import signal
 import time
-import urllib.request
 
 from banditroute.core.config import parse_set_args
 
@@ -14,68 +14,59 @@ HELP = "serve the router over HTTP on a local Ray (POST /v1/route, /v1/chat/comp
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policy", help="policy checkpoint folder (e.g. runs/latest/policy)")
-    parser.add_argument("--host", help="HTTP interface (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    parser.add_argument("--replicas", type=int, help="Router replicas (default 1)")
-    parser.add_argument("--config", help="YAML with RouterConfig keys (the whole file or its `serve:` section)")
-    parser.add_argument("--replay-data", metavar="PATH", help="start the replay upstream on this routing data (enables replay)")
+    parser.add_argument("--policy", help="policy checkpoint folder, e.g. runs/latest/policy (router.policy)")
+    parser.add_argument("--host", help="HTTP interface (router.host; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="HTTP port (router.port; default 8000)")
+    parser.add_argument("--replicas", type=int, help="Router replicas (router.num_replicas; default 1)")
+    parser.add_argument("--config", help="application config YAML (configs/app.example.yaml: start, router, storage, online, ...)")
+    parser.add_argument("--replay-data", metavar="PATH", help="start the replay upstream on this routing data (router.replay.*)")
     parser.add_argument("--replay", action="store_true", help="start the replay upstream on the default routing data")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a RouterConfig key, e.g. --set max_batch_size=128")
-    parser.add_argument("--num-cpus", type=float, help="logical CPUs of the local Ray (default: enough for the replicas)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set router.max_batch_size=128 (after BANDITROUTE__* env vars)")
+    parser.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (start.num_cpus; default: enough for the replicas)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus export port of Ray's metrics agent (default: chosen by Ray, printed)")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for GET /healthz to answer 200")
 
 
-def _overrides(args: argparse.Namespace) -> dict:
+def overrides_from_flags(args: argparse.Namespace) -> dict:
+    """The dotted application-config overrides the flags stand for (``--set`` pairs first; flags win)."""
     overrides: dict = dict(parse_set_args(args.set))
-    for key, value in (("policy", args.policy), ("host", args.host), ("port", args.port), ("num_replicas", args.replicas)):
+    for key, value in (("router.policy", args.policy), ("router.host", args.host), ("router.port", args.port),
+                       ("router.num_replicas", args.replicas), ("start.num_cpus", args.num_cpus)):
         if value is not None:
             overrides[key] = value
     if args.replay_data:
-        overrides["replay.enabled"] = True
-        overrides["replay.data_path"] = args.replay_data
+        overrides["router.replay.enabled"] = True
+        overrides["router.replay.data_path"] = args.replay_data
     elif args.replay:
-        overrides["replay.enabled"] = True
+        overrides["router.replay.enabled"] = True
     return overrides
 
 
-def _wait_healthy(url: str, timeout_s: float) -> dict | None:
-    import json
-
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return json.loads(resp.read())
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(0.5)
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
-    from banditroute.serve.config import load_router_config
+    import math
 
-    cfg = load_router_config(args.config, _overrides(args))
+    from banditroute.cluster.config import load_app_config
+    from banditroute.cluster.launch import start_ray
+
+    app = load_app_config(args.config, overrides_from_flags(args))
+    cfg = app.router
     for var, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0")):
         os.environ.setdefault(var, value)
-    from banditroute.core.security import ensure_local_secret
-
-    # Local run: without a configured secret, an ephemeral one (warned about) so replicas can sign tokens.
-    ensure_local_secret(cfg.security)
     import ray
     from ray import serve
 
     from banditroute.cluster.app import build_app
+    from banditroute.cluster.up import wait_healthy
 
-    needed = cfg.num_replicas * cfg.num_cpus + cfg.ingress_replicas * cfg.ingress_num_cpus + 0.5
-    num_cpus = args.num_cpus or max(float(os.cpu_count() or 1), needed)
-    env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", cfg.security.token_secret_env)
-           if k in os.environ}
-    init_kwargs = {"_metrics_export_port": args.metrics_port} if args.metrics_port else {}
-    ray.init(num_cpus=int(num_cpus + 0.999), include_dashboard=False, runtime_env={"env_vars": env}, **init_kwargs)
+    init_kwargs: dict = {"include_dashboard": False}
+    if args.metrics_port:
+        init_kwargs["_metrics_export_port"] = args.metrics_port
+    if app.start.mode == "local" and app.start.num_cpus is None:
+        needed = cfg.num_replicas * cfg.num_cpus + cfg.ingress_replicas * cfg.ingress_num_cpus + 0.5
+        init_kwargs["num_cpus"] = int(math.ceil(max(float(os.cpu_count() or 1), needed)))
+    # Local mode: without a configured token secret, an ephemeral one (warned about) so replicas can sign tokens.
+    start_ray(app, **init_kwargs)
 
     def _terminate(signum, frame):  # SIGTERM: same clean shutdown as Ctrl-C
         raise KeyboardInterrupt
@@ -86,12 +77,13 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
-        serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+        serve.run(build_app(app), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
         base = f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-        health = _wait_healthy(base + "/healthz", args.ready_timeout)
-        if health is None:
-            print(f"banditroute serve: {base}/healthz did not answer 200 within {args.ready_timeout:g}s", flush=True)
+        try:
+            health = wait_healthy(base, args.ready_timeout)
+        except RuntimeError as exc:
+            print(f"banditroute serve: {exc}", flush=True)
             return 1
         print(f"banditroute router ready at {base} (policy v{health['policy_version']}, models {health['models']})", flush=True)
         print(f"  POST {base}/v1/route  POST {base}/v1/chat/completions  GET {base}/healthz  (Ctrl-C stops)", flush=True)
@@ -105,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         try:
-            serve.shutdown()
+            if app.start.mode == "local":
+                serve.shutdown()
+            else:  # a shared cluster: take down only this application
+                serve.delete(cfg.app_name)
         finally:
             ray.shutdown()

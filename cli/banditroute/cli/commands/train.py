@@ -69,7 +69,7 @@ def _flatten(section: dict, prefix: str = "") -> dict:
 
 def run(args: argparse.Namespace) -> int:
     if args.kind == "identity":
-        from banditroute.policy.identity_policy import IdentityTrainConfig, train_identity_policy
+        from banditroute.policy.identity_train import IdentityTrainConfig, train_identity_policy
 
         train_cls, train_fn = IdentityTrainConfig, train_identity_policy
     else:

@@ -1,0 +1,336 @@
+"""The ``RouterIngress`` deployment: the HTTP API (FastAPI) and the Python API of the application.
+
+Endpoints: ``/v1/route``, ``/v1/route/batch``, ``/v1/chat/completions``
+(serve/openai_proxy.py), ``/v1/models``, ``/v1/feedback``
+(serve/feedback_endpoint.py), ``/v1/admin/*`` (serve/admin.py) and
+``/healthz``. Decisions are made by the ``Router`` deployment
+(serve/router.py); here happen input validation (serve/protocol.py: a 4xx
+naming the field), upstream proxying and security (core/security.py):
+
+- API keys per endpoint group (``ENDPOINT_GROUPS``; /healthz is open),
+- a body-size cap (``security.max_body_bytes``, also for chunked bodies),
+- signed decision tokens: every decision id a client sees (HTTP or the
+  handle methods) is a token minted here from the Router's raw id;
+  /v1/feedback verifies it before the feedback actor sees anything (401
+  unsigned/tampered, 410 expired, 409 a replay of a rewarded decision).
+
+Rejections are counted by reason (``GET /v1/admin/security``,
+``banditroute_security_rejections_total{reason}``). Every JSON endpoint runs
+through ``RouterIngress._endpoint``: the key check, the handler, a
+RequestError answered as its status and error body (``error_response``, the
+only place a RequestError becomes an HTTP answer), anything else as a JSON
+503 (never a bare 500), and metrics either way.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real annotations (Request) on the routes.
+# NOTE: @serve.deployment pickles the class when it is defined, together with the module
+# globals its methods use AT THAT MOMENT: every helper it calls must be defined (or imported) above it.
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from banditroute.core.security import Security, TokenError
+from banditroute.serve.admin import LearnerAdmin, security_report
+from banditroute.serve.config import as_router_config
+from banditroute.serve.core import RouteRequest
+from banditroute.serve.feedback_endpoint import feedback_target, handle_feedback
+from banditroute.serve.metrics import LATENCY_BOUNDARIES_MS, metric, replica_id
+from banditroute.serve.openai_proxy import ChatProxy
+from banditroute.serve.protocol import (
+    WWW_AUTHENTICATE,
+    RequestError,
+    error_body,
+    parse_batch_body,
+    parse_json_body,
+    parse_route_body,
+    router_error,
+)
+
+logger = logging.getLogger("banditroute.serve")
+
+# Which API-key group guards each endpoint (None: open).
+ENDPOINT_GROUPS = {"route": "route", "route_batch": "route", "chat_completions": "route", "models": "route",
+                   "feedback": "feedback", "admin": "admin", "healthz": None}
+# HTTP status of each decision-token rejection on /v1/feedback.
+TOKEN_STATUS = {"unsigned": 401, "malformed": 401, "tampered": 401, "expired": 410}
+ROUTER_INFO_TIMEOUT_S = 5.0
+
+
+def error_response(err: RequestError) -> JSONResponse:
+    """The HTTP answer of a RequestError: its error body, status and headers."""
+    return JSONResponse(err.to_json(), status_code=err.status, headers=err.headers or None)
+
+
+api = FastAPI(title="banditroute", description="LLM router that learns online from bandit feedback.")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths (404) and wrong methods (405) answer the same error envelope as everything else."""
+    field = {404: "path", 405: "method"}.get(exc.status_code)
+    return error_response(RequestError(exc.status_code, field, f"{request.method} {request.url.path}: {exc.detail}",
+                                       headers=getattr(exc, "headers", None)))
+
+
+@serve.deployment(name="RouterIngress")
+@serve.ingress(api)
+class RouterIngress:
+    """The HTTP API. Validation happens here; decisions in ``Router``; upstream calls here."""
+
+    def __init__(self, router: DeploymentHandle, replay: DeploymentHandle | None, config: dict[str, Any]):
+        self.router = router
+        self.cfg = as_router_config(config)
+        self.replica_id = replica_id()
+        self.default_w_cost = self.cfg.default_w_cost()
+        self._models: list[str] | None = None
+        self._models_at = 0.0
+        self.chat = ChatProxy(self.cfg, router, replay)
+        self.learner = LearnerAdmin(self.cfg.learner_actor_name, self.cfg.parameter_server_namespace)
+        self.m_requests = metric("counter", "banditroute_requests_total", "HTTP requests by endpoint and status.", ("endpoint", "status"))
+        self.m_latency = metric("histogram", "banditroute_request_latency_ms", "HTTP request latency (ms).", ("endpoint",), LATENCY_BOUNDARIES_MS)
+        # Fails the replica (clear message naming security.token_secret_env / *_api_keys_env) when a secret is missing.
+        self.security = Security(self.cfg.security)
+        self.rejections: dict[str, int] = {}
+        self.m_rejections = metric("counter", "banditroute_security_rejections_total",
+                                   "Requests refused by the ingress's security checks, by reason.", ("reason",))
+
+    # -- security --
+
+    def _reject(self, reason: str) -> None:
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+        self.m_rejections.inc(tags={"reason": reason})
+
+    def _authorize(self, request: Request, group: str) -> None:
+        """Pass when the request's API key admits it to ``group``; else RequestError 401/403 (counted)."""
+        problem = self.security.check_key(group, request.headers.get("authorization"), request.headers.get("x-api-key"))
+        if problem is None:
+            return
+        self._reject(f"{group}_{problem}")
+        if problem == "disabled":
+            raise RequestError(403, "authorization", f"the {group} API is disabled: set security.{group}_api_keys_env to enable it",
+                               type_="permission_error")
+        what = "is missing" if problem == "missing_key" else "is not valid"
+        raise RequestError(401, "authorization", f"the {group} API key {what}: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                           type_="authentication_error", headers=WWW_AUTHENTICATE)
+
+    def _signed(self, response: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+        """A Router answer with its raw decision id replaced by the client-facing (signed) token."""
+        token = self.security.token(response["decision_id"], response["model"], response["policy_version"],
+                                    time.time() if now is None else now)
+        return dict(response, decision_id=token)
+
+    def _decision_id_from_token(self, token: str) -> str:
+        """/v1/feedback: the raw decision id a valid token binds (RequestError 401/410 otherwise, counted)."""
+        if not self.security.signing:
+            return token
+        try:
+            return self.security.verify(token, time.time()).decision_id
+        except TokenError as exc:
+            self._reject(f"token_{exc.kind}")
+            status = TOKEN_STATUS[exc.kind]
+            raise RequestError(status, "decision_id", exc.message, headers=WWW_AUTHENTICATE if status == 401 else None) from None
+
+    # -- the wrapper of every endpoint --
+
+    async def _endpoint(self, request: Request, endpoint: str, handle: Callable[[], Awaitable[Any]]) -> Response:
+        """The key check of the endpoint's group, then ``handle()`` (a Response, or a value answered as
+        JSON); a RequestError becomes its error response, anything else a JSON 503 (e.g. no Router
+        replica reachable), never a bare 500; metrics either way."""
+        start = time.perf_counter()
+        group = ENDPOINT_GROUPS[endpoint]
+        try:
+            if group is not None:
+                self._authorize(request, group)
+            response = await handle()
+            if not isinstance(response, Response):
+                response = JSONResponse(response)
+        except RequestError as exc:
+            response = error_response(exc)
+        except Exception as exc:  # noqa: BLE001 - never a bare 500
+            logger.exception("request failed")
+            response = error_response(RequestError(503, None, f"router unavailable: {type(exc).__name__}: {exc}"[:500]))
+        self.m_requests.inc(tags={"endpoint": endpoint, "status": str(response.status_code)})
+        self.m_latency.observe((time.perf_counter() - start) * 1000.0, tags={"endpoint": endpoint})
+        return response
+
+    async def _json(self, request: Request) -> Any:
+        """The JSON body, read with a cap of security.max_body_bytes (413 ``body``; a larger Content-Length is not read)."""
+        limit = self.cfg.security.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise RequestError(400, "body", "the Content-Length header must be a number of bytes")
+            if int(declared) > limit:
+                self._reject("body_too_large")
+                raise RequestError(413, "body", f"the body is {int(declared)} bytes; the limit is {limit} (security.max_body_bytes)")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # chunked bodies have no Content-Length: count while reading
+            size += len(chunk)
+            if size > limit:
+                self._reject("body_too_large")
+                raise RequestError(413, "body", f"the body is over {limit} bytes (security.max_body_bytes)")
+            chunks.append(chunk)
+        return parse_json_body(b"".join(chunks))
+
+    # -- routing helpers --
+
+    async def models(self) -> list[str]:
+        """The pool, from a Router replica (cached for 10 s, so weight updates that change it show up)."""
+        if self._models is None or time.monotonic() - self._models_at > 10.0:
+            info = await self.router.info.remote()
+            self._models, self._models_at = list(info["models"]), time.monotonic()
+        return self._models
+
+    async def _ready_models(self) -> list[str]:
+        """The pool, or RequestError 503 while no Router replica answers."""
+        try:
+            return await self.models()
+        except Exception as exc:  # noqa: BLE001 - not ready yet
+            raise RequestError(503, None, f"router not ready: {type(exc).__name__}") from None
+
+    async def _route_one(self, req: RouteRequest) -> dict[str, Any]:
+        out = await self.router.route.remote(req)
+        if "error" in out:
+            raise router_error(out["error"])
+        return out
+
+    async def _decide_signed(self, req: RouteRequest) -> dict[str, Any]:
+        """One routed chat's Router answer, its decision id signed (headers and the ``banditroute`` extension carry it)."""
+        out = await self._route_one(req)
+        return dict(out, response=self._signed(out["response"]))
+
+    # -- Python API (DeploymentHandle callers: serve.get_app_handle(app_name).handle_route.remote(body)) --
+
+    async def handle_route(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Same as POST /v1/route, for in-cluster callers; raises RequestError on bad input."""
+        req = parse_route_body(
+            body, models=await self.models(), default_w_cost=self.default_w_cost,
+            default_mode=self.cfg.default_mode, max_prompt_chars=self.cfg.max_prompt_chars,
+        )
+        return self._signed((await self._route_one(req))["response"])
+
+    async def handle_route_batch(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Same as POST /v1/route/batch, for in-cluster callers."""
+        reqs = parse_batch_body(
+            body, models=await self.models(), default_w_cost=self.default_w_cost, default_mode=self.cfg.default_mode,
+            max_prompt_chars=self.cfg.max_prompt_chars, max_batch_requests=self.cfg.max_batch_requests,
+        )
+        outs = await self.router.route_many.remote(reqs)
+        now = time.time()
+        results = []
+        for i, out in enumerate(outs):
+            if "error" in out:  # one item refused: its error envelope in place of its answer, field prefixed
+                err = out["error"]
+                field = f"requests[{i}].{err['field']}" if err.get("field") else None
+                results.append(error_body(int(err.get("status", 500)), err["message"], field))
+            else:
+                results.append(self._signed(out["response"], now))
+        return {"results": results}
+
+    async def route_requests(self, reqs: list[RouteRequest]) -> list[dict[str, Any]]:
+        """Already-parsed requests (serve/client.py RouterClient) -> Router outputs with signed decision ids.
+
+        One request goes through the batched ``Router.route`` (gathered with
+        concurrent calls), several through ``route_many``. Outputs keep the
+        Router's shape: ``{"response": ...}`` or ``{"error": ...}``.
+        """
+        outs = [await self.router.route.remote(reqs[0])] if len(reqs) == 1 else await self.router.route_many.remote(reqs)
+        now = time.time()
+        return [{"response": self._signed(o["response"], now)} if "error" not in o else {"error": o["error"]} for o in outs]
+
+    # -- HTTP: routing --
+
+    @api.post("/v1/route")
+    async def http_route(self, request: Request):
+        async def handle():
+            return await self.handle_route(await self._json(request))
+        return await self._endpoint(request, "route", handle)
+
+    @api.post("/v1/route/batch")
+    async def http_route_batch(self, request: Request):
+        async def handle():
+            return await self.handle_route_batch(await self._json(request))
+        return await self._endpoint(request, "route_batch", handle)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        async def handle():
+            return await self.chat.complete(await self._json(request), self.models, self._decide_signed)
+        return await self._endpoint(request, "chat_completions", handle)
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request):
+        async def handle():
+            models = await self._ready_models()
+            data = [{"id": self.cfg.router_model_name, "object": "model", "owned_by": "banditroute"}]
+            return {"object": "list", "data": data + [{"id": m, "object": "model", "owned_by": "upstream"} for m in models]}
+        return await self._endpoint(request, "models", handle)
+
+    @api.get("/healthz")
+    async def healthz(self, request: Request):
+        async def handle():
+            try:
+                info = await asyncio.wait_for(self.router.info.remote(), timeout=ROUTER_INFO_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - not ready yet
+                raise RequestError(503, None, f"router not ready: {type(exc).__name__}") from None
+            return {
+                "status": "ok",
+                "policy_version": info["policy_version"],
+                "replica_id": info["replica_id"],
+                "ingress_replica_id": self.replica_id,
+                "models": info["models"],
+                "encoder_id": info["encoder_id"],
+                "device": info["device"],
+                # of the Router replica that answered: how well @serve.batch groups single requests
+                "batches_run": info.get("batches_run"),
+                "mean_batch_size": info.get("mean_batch_size"),
+            }
+        return await self._endpoint(request, "healthz", handle)
+
+    # -- HTTP: feedback --
+
+    @api.post("/v1/feedback")
+    async def http_feedback(self, request: Request):
+        async def handle():
+            status, payload, headers = await handle_feedback(
+                await self._json(request), **feedback_target(self.cfg), resolve_decision_id=self._decision_id_from_token,
+                max_cost_usd=self.cfg.security.max_reward_cost_usd,
+            )
+            if status == 409:
+                self._reject("token_replayed")  # a second reward for a rewarded decision: idempotent, but counted
+            return JSONResponse(payload, status_code=status, headers=headers)
+        return await self._endpoint(request, "feedback", handle)
+
+    # -- HTTP: admin (key group "admin") --
+
+    @api.get("/v1/admin/security")
+    async def admin_security(self, request: Request):
+        """Security rejections counted by THIS ingress replica (the metric sums all replicas)."""
+        async def handle():
+            return security_report(self.replica_id, self.security, self.cfg.security, self.rejections)
+        return await self._endpoint(request, "admin", handle)
+
+    @api.get("/v1/admin/policy")
+    async def admin_policy(self, request: Request):
+        """Promotion gate state: serving vs candidate version, pin, last decisions, checkpointed versions."""
+        return await self._endpoint(request, "admin", self.learner.status)
+
+    @api.post("/v1/admin/policy/pin")
+    async def admin_pin(self, request: Request):
+        """``{"version": N}`` or ``{"checkpoint": "<URI>"}``: serve those weights; hold promotions until unpin."""
+        async def handle():
+            return await self.learner.pin(await self._json(request))
+        return await self._endpoint(request, "admin", handle)
+
+    @api.post("/v1/admin/policy/unpin")
+    async def admin_unpin(self, request: Request):
+        """Release a pin: the promotion gate decides again at its next evaluation."""
+        return await self._endpoint(request, "admin", self.learner.unpin)
