@@ -66,7 +66,8 @@ def bench_throughput(args) -> dict:
     import torch
 
     from banditroute.feedback.log import EventLog
-    from banditroute.feedback.service import FeedbackConfig, FeedbackService
+    from banditroute.feedback.config import FeedbackConfig
+    from banditroute.feedback.service import FeedbackService
     from banditroute.learner.config import LearnerConfig
     from banditroute.learner.learner import OnlineLearner
     from banditroute.core.records import DecisionRecord, RewardRecord

@@ -77,7 +77,7 @@ def test_online_updates_raise_the_reward_and_versions_are_monotonic(problem):
         assert np.isfinite(metrics[key]), key
     # The snapshot is the same weights format replicas load.
     snap = learner.snapshot()
-    served = BarpPolicy.from_state(snap.state)
+    served = BarpPolicy.from_snapshot(snap)
     assert served.policy_version == snap.policy_version == 120
     assert np.allclose(served.logits(emb[:5], 0.3).numpy(), policy.logits(emb[:5], 0.3).numpy(), atol=1e-6)
 
@@ -133,6 +133,28 @@ def test_checkpoint_resume_keeps_weights_and_never_goes_back(problem, tmp_path):
     # An incomplete checkpoint (no manifest) is ignored.
     storage.write_bytes("v000000000099/policy.pt", b"partial")
     assert list_checkpoints(storage)[-1] == 5
+
+
+def test_a_checkpoint_version_is_its_meta_json(problem, tmp_path):
+    """The version is read from meta.json (the manifest no longer repeats it); a folder named for other weights is refused."""
+    from banditroute.learner.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+    from banditroute.learner.learner import mint_version
+
+    data, emb, enc_id = problem
+    storage = open_storage(str(tmp_path)).child("checkpoints")
+    policy = new_policy(data, emb, enc_id)
+    mint_version(policy, 7)
+    save_checkpoint(storage, policy, extra={"promoted": True})
+    loaded, _, manifest = load_checkpoint(storage, 7)
+    assert loaded.policy_version == 7 and "policy_version" not in manifest and read_manifest(storage, 7)["promoted"]
+    # A checkpoint written before the manifest stopped repeating the version still loads.
+    storage.write_json("v000000000007/manifest.json", {**manifest, "policy_version": 7})
+    assert load_checkpoint(storage, 7)[0].policy_version == 7
+    # Weights of v7 under the name v8: their version is not what the folder says.
+    for name in ("policy.pt", "meta.json", "manifest.json"):
+        storage.write_bytes(f"v000000000008/{name}", storage.read_bytes(f"v000000000007/{name}"))
+    with pytest.raises(ValueError, match="meta.json holds v7, not v8"):
+        load_checkpoint(storage, 8)
 
 
 def test_rl_module_entry_points(problem):

@@ -13,7 +13,7 @@ from banditroute.core.config import ConfigError, from_dict
 from banditroute.learner.actor import LearnerActor
 from banditroute.learner.checkpoint import list_checkpoints, load_checkpoint, read_manifest
 from banditroute.learner.config import LearnerConfig
-from banditroute.learner.ope import Estimate, paired_estimates
+from banditroute.learner.ope import Estimate, paired_estimates, served_probabilities
 from banditroute.learner.promotion import (
     HoldoutBuffer,
     PromotionConfig,
@@ -25,6 +25,7 @@ from banditroute.learner.promotion import (
 )
 from banditroute.policy.barp import BarpPolicy, NetworkConfig, PolicyMeta
 from banditroute.policy.encoders import EncoderConfig, make_encoder
+from banditroute.policy.exploration import bound_probabilities
 from banditroute.policy.reward import fit_tau
 from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_table
 from banditroute.core.storage import StorageConfig, open_storage
@@ -158,6 +159,31 @@ def test_ope_sees_a_worse_policy_as_worse(problem):
         compare_on_holdout(table, good, bad, cfg))).promote
 
 
+def test_served_probabilities_are_what_a_replica_decides_from(problem):
+    """Explore rows: the bounded softmax over the candidates; greedy rows: one-hot argmax; torch's global RNG untouched."""
+    data, emb, enc_id = problem
+    policy = new_policy(data, enc_id, 4)
+    with torch.no_grad():  # a sharp policy, so the bounds bind
+        policy.network.decision_head.bias.add_(torch.tensor([6.0, 0.0, -6.0]))
+    n = 40
+    w = np.random.default_rng(0).uniform(0, 1, n).astype(np.float32)
+    mask = np.ones((n, 3), bool)
+    mask[::3, 1] = False
+    explore = np.arange(n) % 2 == 0
+    rng_before = torch.get_rng_state()
+    served = served_probabilities(policy, emb[:n], w, mask, explore, 0.05, 0.9)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    probs = torch.softmax(policy.logits(emb[:n], w, torch.as_tensor(mask)).float(), dim=-1)
+    bounded = bound_probabilities(probs, torch.as_tensor(mask), 0.05, 0.9).numpy()
+    one_hot = np.eye(3)[probs.argmax(dim=-1).numpy()]
+    assert served.dtype == np.float64 and served.shape == (n, 3)
+    assert np.allclose(served[explore], bounded[explore], atol=1e-7) and np.array_equal(served[~explore], one_hot[~explore])
+    assert (served[explore] <= 0.9 + 1e-6).all() and (served[explore & mask[:, 1]].min() >= 0.05 - 1e-6)
+    assert (served[~mask] == 0).all()
+    # One mode for the whole batch: all greedy is the one-hot argmax everywhere.
+    assert np.array_equal(served_probabilities(policy, emb[:n], w, mask, np.zeros(n, bool)), one_hot)
+
+
 # --- the learner actor's gate, in process -------------------------------------------------
 
 
@@ -249,6 +275,7 @@ def test_gate_off_publishes_every_version_and_trains_on_everything(problem, tmp_
 
 def test_parameter_server_recovers_only_served_weights_and_remembers_reserved_numbers(problem, tmp_path):
     from banditroute.learner.checkpoint import save_checkpoint
+    from banditroute.learner.learner import mint_version
     from banditroute.learner.param_server import ParameterServer, ParameterServerState
 
     data, _, enc_id = problem
@@ -256,7 +283,7 @@ def test_parameter_server_recovers_only_served_weights_and_remembers_reserved_nu
     ckpt = open_storage(storage).child("checkpoints")
     policy = new_policy(data, enc_id)
     for version, promoted in ((3, True), (7, False)):
-        policy.meta.policy_version = version
+        mint_version(policy, version)
         save_checkpoint(ckpt, policy, extra={"promoted": promoted})
     recovered = ParameterServer(storage, "checkpoints")
     assert recovered.state.latest_version() == 3  # v7 was a held candidate: never served by recovery

@@ -54,7 +54,7 @@ from banditroute.learner.checkpoint import (
     save_checkpoint,
     write_promotion_state,
 )
-from banditroute.learner.learner import LearnerConfig, OnlineLearner
+from banditroute.learner.learner import LearnerConfig, OnlineLearner, mint_version
 from banditroute.core.names import NAMESPACE, PARAMETER_SERVER_NAME
 from banditroute.learner.promotion import HoldoutBuffer, evaluate_candidate, split_holdout
 from banditroute.policy.barp import BarpPolicy
@@ -66,7 +66,7 @@ logger = logging.getLogger(__name__)
 
 def _clone(policy: BarpPolicy) -> BarpPolicy:
     """An independent copy (the candidate keeps training; the copy must not move with it)."""
-    return BarpPolicy.from_state(policy.state())
+    return BarpPolicy.from_snapshot(policy.snapshot())
 
 
 class LearnerActor:
@@ -103,8 +103,7 @@ class LearnerActor:
         initial = BarpPolicy.from_state(initial_state) if initial_state is not None else None
         if ps_snapshot is not None and (initial is None or ps_snapshot.policy_version > initial.policy_version):
             # The freshest weights anyone serves: start from them unless a checkpoint is newer.
-            initial = BarpPolicy.from_state(ps_snapshot.state)
-            initial.meta.policy_version = ps_snapshot.policy_version
+            initial = BarpPolicy.from_snapshot(ps_snapshot)
         self.learner = OnlineLearner.resume_or_start(self.ckpt_storage, initial, config)
 
         # The serving policy: what the parameter server holds, unless a promoted checkpoint is newer.
@@ -161,8 +160,7 @@ class LearnerActor:
         if not (self.gate.enabled or self.pinned):
             return  # no gate, no pin: the candidate is what is served
         if ps_snapshot is not None and (promoted is None or ps_snapshot.policy_version >= promoted):
-            self.serving = BarpPolicy.from_state(ps_snapshot.state)
-            self.serving.meta.policy_version = ps_snapshot.policy_version
+            self.serving = BarpPolicy.from_snapshot(ps_snapshot)
             self.serving_trained_through = ps_snapshot.trained_through
         elif promoted is not None and promoted >= 0:
             policy, _, manifest = load_checkpoint(self.ckpt_storage, promoted)
@@ -177,12 +175,7 @@ class LearnerActor:
     def _serving_snapshot(self) -> WeightsSnapshot:
         if self.serving is None:
             return self.learner.snapshot()
-        return WeightsSnapshot(
-            policy_version=self.serving.policy_version,
-            state=self.serving.state(),
-            created_at=time.time(),
-            trained_through=self.serving_trained_through,
-        )
+        return self.serving.snapshot(trained_through=self.serving_trained_through)
 
     def _publish(self) -> bool:
         import ray
@@ -336,7 +329,7 @@ class LearnerActor:
             if self.param_server is not None:
                 ps_latest = int(ray.get(self.param_server.reserved_version.remote()))
             new_version = max(self.learner.policy_version, self.serving_version, ps_latest, available[-1]) + 1
-            policy.meta.policy_version = new_version
+            mint_version(policy, new_version)
             # The candidate keeps its weights but counts above the pinned number (one number, one set of weights).
             self.learner.ensure_version_at_least(new_version + 1)
             self.serving = policy

@@ -7,7 +7,12 @@ Layout under the checkpoint root (``<storage>/checkpoints`` by default)::
     v000000000042/learner.pkl      optimizer state (optional; resuming keeps Adam's moments)
     v000000000042/manifest.json    written LAST: a checkpoint without it is incomplete
 
-The manifest also says whether the checkpoint's weights were PROMOTED
+The weights' version has one home, meta.json (what every policy loader
+reads); the folder name is the index it is listed by, written from the same
+number, and loading checks the two agree. (Manifests written before this
+also repeat the version as ``policy_version``; it is ignored.)
+
+The manifest says whether the checkpoint's weights were PROMOTED
 (served to replicas; ``promoted``, absent = true for checkpoints written
 before the promotion gate) and, for weights an operator pinned, the version
 they were pinned from (``pinned_from``). A ``role: serving`` checkpoint holds
@@ -76,7 +81,7 @@ def save_checkpoint(
     if learner_state is not None:
         storage.write_bytes(f"{folder}/{LEARNER_STATE_FILE}", learner_state)
         files.append(LEARNER_STATE_FILE)
-    manifest = {"policy_version": version, "created_at": time.time(), "files": files, **(extra or {})}
+    manifest = {"created_at": time.time(), "files": files, **(extra or {})}
     storage.write_json(f"{folder}/{MANIFEST_FILE}", manifest)
     if keep is not None and keep > 0:
         prune_checkpoints(storage, keep, protect)
@@ -130,14 +135,19 @@ def write_promotion_state(storage: Storage, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(storage: Storage, version: int, device: str = "cpu") -> tuple[BarpPolicy, bytes | None, dict[str, Any]]:
-    """(policy, optimizer state bytes or None, manifest) of checkpoint ``version``."""
+    """(policy, optimizer state bytes or None, manifest) of checkpoint ``version``.
+
+    The policy serves the version its meta.json records; ValueError when that
+    is not ``version`` (a folder holding other weights than its name says).
+    """
     folder = checkpoint_dir(version)
     manifest = storage.read_json(f"{folder}/{MANIFEST_FILE}")
     with tempfile.TemporaryDirectory(prefix="banditroute-ckpt-") as tmp:
         for name in (WEIGHTS_FILE, META_FILE):
             (Path(tmp) / name).write_bytes(storage.read_bytes(f"{folder}/{name}"))
         policy = BarpPolicy.load(tmp, device=device)
-    policy.meta.policy_version = int(manifest.get("policy_version", policy.meta.policy_version))
+    if policy.policy_version != int(version):
+        raise ValueError(f"{storage.uri_for(folder)}: meta.json holds v{policy.policy_version}, not v{int(version)}")
     learner_state = None
     if LEARNER_STATE_FILE in manifest.get("files", []):
         learner_state = storage.read_bytes(f"{folder}/{LEARNER_STATE_FILE}")

@@ -222,6 +222,19 @@ class ReplayBuffer:
         return {k: v[idx] for k, v in self._data.items()}
 
 
+def mint_version(policy: BarpPolicy, version: int) -> None:
+    """Number the weights ``policy`` holds as the NEW version ``version``: the one place versions are minted.
+
+    Everywhere else a policy's version comes with the weights it loaded (a
+    WeightsSnapshot through ``load_weights``/``from_snapshot``, a checkpoint's
+    meta.json). The learner's weights change in place (its network IS the
+    RLlib module's), and pinned weights are renumbered into the learner's
+    sequence, so their new number is given here, without copying the weights
+    through a snapshot of themselves. Callers keep versions moving forward.
+    """
+    policy.meta.policy_version = int(version)
+
+
 class OnlineLearner:
     """RLlib learner + version counter + checkpoints for one routing policy.
 
@@ -273,7 +286,7 @@ class OnlineLearner:
     def ensure_version_at_least(self, version: int) -> None:
         """Versions never go backwards: continue counting above ``version`` (e.g. what replicas serve)."""
         if version > self.policy.policy_version:
-            self.policy.meta.policy_version = int(version)
+            mint_version(self.policy, version)
 
     def update(self, events: pa.Table | EventBatch | Sequence[JoinedEvent], trained_through: float | None = None) -> dict[str, Any]:
         """One learner update on ``events`` (+ replay); bumps the version if anything was trained."""
@@ -296,7 +309,7 @@ class OnlineLearner:
         batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(train)}, env_steps=len(train[Columns.ACTIONS]))
         results = self.rl_learner.update(batch=batch, num_epochs=self.config.gradient_steps)
         flat = MetricsLogger.peek_results(results).get(DEFAULT_MODULE_ID, {})
-        self.policy.meta.policy_version += 1
+        mint_version(self.policy, self.policy_version + 1)
         self.updates += 1
         self.events_trained += len(rows)
         if trained_through is not None:

@@ -96,8 +96,7 @@ def train_offline(
     if len(events) < cfg.min_events:
         raise ValueError(f"the event log holds {len(events)} events in the window; min_events is {cfg.min_events}")
     train, holdout = split_recent(events, cfg.holdout_fraction)
-    candidate = BarpPolicy.from_state(start.state())
-    candidate.meta.policy_version = start.policy_version
+    candidate = BarpPolicy.from_snapshot(start.snapshot())
     trainer = OnlineLearner(candidate, offline_learner_config(learner))
     rng = np.random.default_rng(cfg.seed)
     began = time.perf_counter()

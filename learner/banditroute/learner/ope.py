@@ -29,13 +29,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from banditroute.policy.reward import normalised_cost
 from banditroute.core.records import EventBatch
+from banditroute.policy.exploration import ExplorationBounds
+from banditroute.policy.reward import normalised_cost
+
+if TYPE_CHECKING:  # torch (under policy.base and policy.decide) is imported when a policy is applied
+    from banditroute.policy.base import RoutingPolicy
 
 ESTIMATORS = ("ips", "snips", "dr")
 
@@ -197,7 +201,7 @@ def cross_fitted_components(
 
 
 def target_probabilities(
-    policy: Any, embeddings: np.ndarray, w_cost: np.ndarray, mask: np.ndarray, mode: str,
+    policy: RoutingPolicy, embeddings: np.ndarray, w_cost: np.ndarray, mask: np.ndarray, mode: str,
     exploration_floor: float = 0.0, exploration_ceiling: float = 1.0,
 ) -> np.ndarray:
     """(n, K) action probabilities of ``policy`` in ``mode`` ('explore' = softmax, 'greedy' = one-hot argmax).
@@ -212,25 +216,31 @@ def target_probabilities(
 
 
 def served_probabilities(
-    policy: Any, embeddings: np.ndarray, w_cost: np.ndarray, mask: np.ndarray, explore: np.ndarray,
+    policy: RoutingPolicy, embeddings: np.ndarray, w_cost: np.ndarray, mask: np.ndarray, explore: np.ndarray,
     exploration_floor: float = 0.0, exploration_ceiling: float = 1.0,
 ) -> np.ndarray:
     """(n, K) probabilities with which a Router replica serving ``policy`` picks each model, per row:
-    the bounded softmax for rows with ``explore`` True, the one-hot argmax of the softmax otherwise
-    (the same computation as ``serve.core.RouterCore.decide_embedded``)."""
+    the bounded softmax for rows with ``explore`` True, the one-hot argmax of the softmax otherwise.
+
+    The replica's own decision rule (``policy.decide.decide``) computes
+    them: an explore row's distribution is the one it samples from, a greedy
+    row picks its argmax with probability 1.
+    """
     import torch
 
-    from banditroute.policy.exploration import bound_probabilities
+    from banditroute.policy.decide import decide
 
-    mask_t = torch.as_tensor(np.asarray(mask, dtype=bool))
-    probs = torch.softmax(policy.logits(embeddings, w_cost, mask_t).float(), dim=-1).cpu()
-    greedy = np.zeros(tuple(probs.shape), dtype=np.float64)
-    greedy[np.arange(len(greedy)), probs.argmax(dim=-1).numpy()] = 1.0
-    explore = np.asarray(explore, dtype=bool)
-    if not explore.any():
-        return greedy
-    bounded = bound_probabilities(probs, mask_t, exploration_floor, exploration_ceiling).numpy().astype(np.float64)
-    return np.where(explore[:, None], bounded, greedy)
+    explore = np.asarray(explore, dtype=bool).reshape(-1)
+    logits = policy.logits(embeddings, w_cost, np.asarray(mask, dtype=bool))
+    candidates = torch.as_tensor(np.asarray(mask, dtype=bool), device=logits.device)
+    rows = torch.as_tensor(explore, device=logits.device)
+    # decide() also samples the explore rows; its own generator keeps that draw off torch's global RNG.
+    generator = torch.Generator(device=logits.device).manual_seed(0)
+    decided = decide(logits, rows if explore.any() else False, ExplorationBounds(exploration_floor, exploration_ceiling),
+                     generator, candidates)
+    greedy = torch.nn.functional.one_hot(decided.actions, logits.shape[-1]).to(decided.probabilities.dtype)
+    served = torch.where(rows.unsqueeze(1), decided.probabilities, greedy)
+    return served.cpu().numpy().astype(np.float64)
 
 
 @dataclass
@@ -260,15 +270,15 @@ class LoggedData:
 
 
 def prepare_logged_data(
-    batch: EventBatch, policy: Any, w_cost: float | None = None, folds: int = 2, l2: float = 1.0, seed: int = 0
+    batch: EventBatch, policy: RoutingPolicy, w_cost: float | None = None, folds: int = 2, l2: float = 1.0, seed: int = 0
 ) -> LoggedData:
     """Map logged events onto ``policy``'s pool, compute rewards (with its tau) and the DR reward model."""
     models = list(policy.models)
     index = {m: k for k, m in enumerate(models)}
     actions = np.array([index.get(m, -1) for m in batch.chosen_models], dtype=np.int64)
     actions[batch.fallback_served()] = -1  # another model answered: no reward observed for the logged action
-    if batch.embeddings.shape[1] != policy.meta.embed_dim:
-        raise ValueError(f"logged embeddings have {batch.embeddings.shape[1]} dims, the policy expects {policy.meta.embed_dim}")
+    if batch.embeddings.shape[1] != policy.embed_dim:
+        raise ValueError(f"logged embeddings have {batch.embeddings.shape[1]} dims, the policy expects {policy.embed_dim}")
     rows = np.flatnonzero(actions >= 0)
     if rows.size == 0:
         raise ValueError("no logged event chose a model of this policy's pool")
@@ -334,7 +344,7 @@ def paired_estimates(estimator: str, rewards: np.ndarray, rho_a: np.ndarray, rho
 
 def evaluate_policy(
     events: pa.Table | EventBatch,
-    policy: Any,
+    policy: RoutingPolicy,
     w_cost: float | None = None,
     modes: Sequence[str] = ("greedy", "explore"),
     folds: int = 2,

@@ -115,7 +115,7 @@ class ParameterServer:
     def _recover(self, storage_config: Any, prefix: str) -> None:
         """Load the newest complete checkpoint (best effort: a storage outage must not stop serving)."""
         try:
-            from banditroute.learner.checkpoint import load_latest_checkpoint
+            from banditroute.learner.checkpoint import checkpoint_dir, load_latest_checkpoint
             from banditroute.core.storage import open_storage
 
             storage = open_storage(storage_config).child(prefix)
@@ -126,15 +126,9 @@ class ParameterServer:
         if found is None:
             return
         policy, _, manifest = found
-        self.state.publish(
-            WeightsSnapshot(
-                policy_version=policy.policy_version,
-                state=policy.state(),
-                created_at=float(manifest.get("created_at", time.time())),
-                trained_through=float(manifest.get("trained_through", 0.0)),
-            )
-        )
-        self.recovered_from = storage.uri_for(f"v{policy.policy_version:012d}")
+        self.state.publish(policy.snapshot(trained_through=float(manifest.get("trained_through", 0.0)),
+                                           created_at=manifest.get("created_at")))
+        self.recovered_from = storage.uri_for(checkpoint_dir(policy.policy_version))
 
     async def publish(self, snapshot: WeightsSnapshot) -> int:
         return self.state.publish(snapshot)

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     if not isinstance(policy, IdentityPolicy):
         raise ValueError(
-            f"{args.policy}: a {getattr(policy.meta, 'kind', 'barp')!r} checkpoint has a fixed pool of models; "
+            f"{args.policy}: a {policy.kind!r} checkpoint has a fixed pool of models; "
             "onboarding needs an identity policy (kind 'identity')"
         )
     # Cheap checks first: nothing is computed (or registered) with a bad name or price.
