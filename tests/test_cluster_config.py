@@ -156,29 +156,21 @@ def test_cli_writes_serve_config(tmp_path):
 
 
 _DEPLOY_SCRIPT = """
-import json, sys, time
-import httpx
+import json, sys
 from ray import serve
 from banditroute.cluster.config import app_config_from_dict
 from banditroute.cluster.launch import deploy
+from banditroute.cluster.up import wait_healthy
 
 app = app_config_from_dict(json.loads(sys.argv[1]), environ={})
 try:
     deploy(app, blocking=True, init_kwargs={"include_dashboard": False, "log_to_driver": False})
-    url = f"http://127.0.0.1:{app.router.port}{app.router.route_prefix}/healthz"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            resp = httpx.get(url, timeout=5, trust_env=False)
-            if resp.status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{url} not healthy: {serve.status().applications.get(app.router.app_name)}")
-        time.sleep(0.5)
+    try:
+        health = wait_healthy(f"http://127.0.0.1:{app.router.port}{app.router.route_prefix}", 30)
+    except RuntimeError as exc:
+        raise SystemExit(f"{exc}: {serve.status().applications.get(app.router.app_name)}")
     status = serve.status().applications[app.router.app_name]
-    print("RESULT " + json.dumps({"health": resp.json(), "deployments": sorted(status.deployments)}))
+    print("RESULT " + json.dumps({"health": health, "deployments": sorted(status.deployments)}))
 finally:
     serve.shutdown()
 """

@@ -7,11 +7,12 @@ checkpoints and the event log land under the same prefix, and a second build
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import httpx
 import pytest
+
+from conftest import wait_until
 
 from banditroute.cluster.config import OnlineConfig
 from banditroute.core.names import ActorNames
@@ -97,10 +98,8 @@ def test_online_app_starts_the_loop_on_s3_and_resumes(serve_instance, tmp_path, 
 
         learner = ray.get_actor(names["learner"], namespace=NAMESPACE)
         ray.get(ray.get_actor(names["feedback"], namespace=NAMESPACE).flush.remote(30.0))
-        deadline = time.monotonic() + 60
-        while ray.get(learner.status.remote())["events_received"] < len(acked) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert ray.get(learner.status.remote())["events_received"] >= len(acked)  # trained on, or held out for the gate
+        wait_until(lambda: ray.get(learner.status.remote())["events_received"] >= len(acked), 60,  # trained on, or held out
+                   what="the learner to receive every acknowledged event")
         ray.get(learner.checkpoint.remote())
         newest = list_checkpoints(ckpt)[-1]
 
@@ -117,10 +116,8 @@ def test_online_app_starts_the_loop_on_s3_and_resumes(serve_instance, tmp_path, 
             pinned = client.post("/v1/admin/policy/pin", json={"version": first}, headers=admin).json()
             assert pinned["pinned"] and pinned["source_version"] == first and pinned["serving_version"] > newest
             # the replicas move FORWARD to the pinned weights (a new number for old weights)
-            deadline = time.monotonic() + 30
-            while client.get("/healthz").json()["policy_version"] != pinned["serving_version"] and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert client.get("/healthz").json()["policy_version"] == pinned["serving_version"]
+            wait_until(lambda: client.get("/healthz").json()["policy_version"] == pinned["serving_version"], 30,
+                       what="the replicas to serve the pinned version")
             # an offline candidate (any BaRP checkpoint URI, e.g. train-from-log's) is served the same way
             offline = client.post("/v1/admin/policy/pin", json={"checkpoint": seed_uri}, headers=admin).json()
             assert offline["source_version"] == seed_uri and offline["serving_version"] > pinned["serving_version"]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from banditroute.feedback.log import EventLog, read_event_log
-from banditroute.feedback.service import FeedbackConfig, FeedbackService
+from banditroute.feedback.config import FeedbackConfig
+from banditroute.feedback.service import FeedbackService
 from banditroute.learner.learner import OnlineLearner
 from banditroute.core.records import DecisionRecord, JoinedEvent, RewardRecord, events_to_table
 from banditroute.serve.testing import hashing_policy

@@ -1,4 +1,8 @@
-"""FeedbackService without Ray: ack only after the durable write, recovery, batching to the learner."""
+"""FeedbackService without Ray: ack only after the durable write, recovery, batching to the learner.
+
+Time-driven behaviour (grace period, batch delay, back-off, window expiry) runs on a ManualClock
+that the test advances; no test sleeps for time to pass.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,16 @@ import time
 
 import pytest
 
+from conftest import ManualClock
+
 from banditroute.serve.feedback_endpoint import ack_to_http, parse_feedback_body
 from banditroute.serve.protocol import RequestError as FeedbackError
 from banditroute.feedback.join import JoinConfig
 from banditroute.feedback.log import EventLog
-from banditroute.feedback.service import FeedbackConfig, FeedbackService
+from banditroute.feedback.clock import SystemClock
+from banditroute.feedback.config import FeedbackConfig
+from banditroute.feedback.delivery import FIRST_BACKOFF_S, MAX_BACKOFF_S, BatchRejected, next_backoff
+from banditroute.feedback.service import FeedbackService
 from banditroute.core.records import DecisionRecord, RewardRecord
 from banditroute.core.storage import open_storage
 
@@ -31,10 +40,12 @@ class GatedLog(EventLog):
         super().__init__(storage)
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # an event write has reached the gate
         self.fail = False
 
     def write_table(self, key, table):
         if key.startswith("events/"):
+            self.entered.set()
             assert self.gate.wait(10)
             if self.fail:
                 raise OSError("storage down")
@@ -52,7 +63,9 @@ def test_ack_only_after_the_event_is_durable(tmp_path):
         await svc.record_decisions([decision("d1")])
         log.gate.clear()
         task = asyncio.create_task(svc.submit_reward(RewardRecord("d1", 0.9, 0.001)))
-        await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(log.entered.wait, 10), "the event write never started"
+        for _ in range(20):  # whatever could run without the write finishing has run
+            await asyncio.sleep(0)
         assert not task.done(), "acknowledged before the write completed"
         assert log.read_events().num_rows == 0
         log.gate.set()
@@ -87,15 +100,21 @@ def test_failed_write_is_not_acknowledged_and_a_retry_succeeds(tmp_path):
 
 def test_reward_waits_briefly_for_a_trailing_decision_then_unknown(tmp_path):
     async def scenario():
+        clock = ManualClock(1000.0)
         log = EventLog(open_storage(str(tmp_path)))
-        svc = FeedbackService(FeedbackConfig(send_to_learner=False, unknown_grace_s=0.5), log)
+        svc = FeedbackService(FeedbackConfig(send_to_learner=False, unknown_grace_s=0.5), log, clock=clock)
         early = asyncio.create_task(svc.submit_reward(RewardRecord("d1", 1.0)))
-        await asyncio.sleep(0.05)
-        await svc.record_decisions([decision("d1")])
-        assert (await early)["status"] == "accepted"
-        start = time.monotonic()
-        ack = await svc.submit_reward(RewardRecord("never", 1.0))
-        assert ack["status"] == "unknown" and time.monotonic() - start >= 0.45
+        await clock.settle()
+        assert not early.done()  # waiting for its decision
+        await svc.record_decisions([decision("d1", clock.now())])
+        assert (await early)["status"] == "accepted"  # the decision's arrival woke it; no time passed
+        never = asyncio.create_task(svc.submit_reward(RewardRecord("never", 1.0)))
+        await clock.advance(0.25)
+        assert not never.done(), "gave up before unknown_grace_s"
+        await clock.advance(0.25)
+        assert never.done(), "still waiting after unknown_grace_s"
+        ack = never.result()
+        assert ack["status"] == "unknown"
         status, body, _ = ack_to_http(ack)
         assert status == 404 and body["error"]["field"] == "decision_id"
         await svc.stop()
@@ -111,17 +130,18 @@ def test_batches_reach_the_learner_by_size_and_by_delay(tmp_path):
             got.append(table.num_rows)
             return {"updated": True}
 
+        clock = ManualClock(1000.0)
         log = EventLog(open_storage(str(tmp_path)))
-        cfg = FeedbackConfig(learner_batch_size=4, learner_max_delay_s=0.3)
-        svc = FeedbackService(cfg, log, deliver=deliver)
-        await svc.record_decisions([decision(f"d{i}") for i in range(6)])
+        cfg = FeedbackConfig(learner_batch_size=4, learner_max_delay_s=0.25)
+        svc = FeedbackService(cfg, log, deliver=deliver, clock=clock)
+        await svc.record_decisions([decision(f"d{i}", clock.now()) for i in range(6)])
         await asyncio.gather(*(svc.submit_reward(RewardRecord(f"d{i}", 1.0)) for i in range(4)))
-        await asyncio.sleep(0.1)
+        await clock.settle()
         assert got == [4]  # full batch went at once
         await svc.submit_reward(RewardRecord("d4", 0.0))
-        await asyncio.sleep(0.1)
+        await clock.advance(0.125)
         assert got == [4]  # 1 event waits for the delay
-        await asyncio.sleep(0.4)
+        await clock.advance(0.125)
         assert got == [4, 1]
         await svc.submit_reward(RewardRecord("d5", 0.0))
         stats = await svc.flush()
@@ -142,14 +162,17 @@ def test_learner_failures_keep_the_events_for_a_retry(tmp_path):
             calls["rows"] += table.num_rows
             return {}
 
-        svc = FeedbackService(FeedbackConfig(learner_batch_size=2, learner_max_delay_s=0.05), EventLog(open_storage(str(tmp_path))), deliver=flaky)
-        await svc.record_decisions([decision("a"), decision("b")])
+        clock = ManualClock(1000.0)
+        svc = FeedbackService(FeedbackConfig(learner_batch_size=2, learner_max_delay_s=0.05), EventLog(open_storage(str(tmp_path))),
+                              deliver=flaky, clock=clock)
+        await svc.record_decisions([decision("a", clock.now()), decision("b", clock.now())])
         await svc.submit_rewards([RewardRecord("a", 1.0), RewardRecord("b", 1.0)])
-        for _ in range(50):
-            if calls["rows"] == 2:
-                break
-            await asyncio.sleep(0.05)
-        assert calls["rows"] == 2 and svc.stats()["learner_errors"] == 1
+        await clock.settle()
+        assert calls == {"n": 1, "rows": 0} and svc.stats()["queued_for_learner"] == 2  # failed; kept for a retry
+        await clock.advance(FIRST_BACKOFF_S / 2)
+        assert calls["n"] == 1, "retried before the back-off"
+        await clock.advance(FIRST_BACKOFF_S)
+        assert calls == {"n": 2, "rows": 2} and svc.stats()["learner_errors"] == 1
         await svc.stop()
 
     run(scenario())
@@ -177,11 +200,12 @@ def test_restart_recovers_pending_and_finished_decisions(tmp_path):
 
 def test_expired_decisions_default_and_late_rewards_are_logged(tmp_path):
     async def scenario():
-        now = [1000.0]
-        cfg = FeedbackConfig(send_to_learner=False, join=JoinConfig(window_s=5, on_expiry="default", default_score=0.0))
-        svc = FeedbackService(cfg, EventLog(open_storage(str(tmp_path))), clock=lambda: now[0])
+        clock = ManualClock(1000.0)
+        cfg = FeedbackConfig(send_to_learner=False, sweep_interval_s=60.0,  # the explicit sweep() below closes the window
+                             join=JoinConfig(window_s=5, on_expiry="default", default_score=0.0))
+        svc = FeedbackService(cfg, EventLog(open_storage(str(tmp_path))), clock=clock)
         await svc.record_decisions([decision("d", t=1000.0)])
-        now[0] = 1006.0
+        await clock.advance(6.0)
         assert await svc.sweep() == 1
         ack = await svc.submit_reward(RewardRecord("d", 1.0))
         assert ack["status"] == "late" and ack["finished_as"] == "defaulted"
@@ -214,8 +238,6 @@ def test_http_body_validation_names_the_field(body, status, field):
 
 
 def test_a_batch_the_learner_rejects_is_not_retried_forever(tmp_path):
-    from banditroute.feedback.service import BatchRejected
-
     async def scenario():
         calls = {"n": 0}
 
@@ -223,13 +245,46 @@ def test_a_batch_the_learner_rejects_is_not_retried_forever(tmp_path):
             calls["n"] += 1
             raise BatchRejected("update() raised")
 
-        svc = FeedbackService(FeedbackConfig(learner_batch_size=1, learner_max_delay_s=0.0), EventLog(open_storage(str(tmp_path))), deliver=poison)
-        await svc.record_decisions([decision("a")])
+        clock = ManualClock(1000.0)
+        svc = FeedbackService(FeedbackConfig(learner_batch_size=1, learner_max_delay_s=0.0), EventLog(open_storage(str(tmp_path))),
+                              deliver=poison, clock=clock)
+        await svc.record_decisions([decision("a", clock.now())])
         assert (await svc.submit_reward(RewardRecord("a", 1.0)))["status"] == "accepted"
-        await asyncio.sleep(0.3)
+        await clock.advance(2 * MAX_BACKOFF_S)  # past any back-off: a retry would have happened by now
         stats = svc.stats()
         assert calls["n"] == 1 and stats["batches_rejected"] == 1 and stats["queued_for_learner"] == 0
         assert svc.log.read_events().num_rows == 1  # still in the log
         await svc.stop()
+
+    run(scenario())
+
+
+def test_the_sweep_loop_closes_windows_on_its_interval(tmp_path):
+    async def scenario():
+        clock = ManualClock(1000.0)
+        cfg = FeedbackConfig(send_to_learner=False, sweep_interval_s=1.0, join=JoinConfig(window_s=5, on_expiry="default"))
+        svc = FeedbackService(cfg, EventLog(open_storage(str(tmp_path))), clock=clock)
+        await svc.record_decisions([decision("d", t=1000.0)])
+        await clock.advance(4.0)  # the loop swept, inside the window
+        assert svc.stats()["expired_defaulted"] == 0
+        await clock.advance_until(lambda: svc.stats()["events_committed"] == 1, step_s=1.0, what="the defaulted event")
+        assert clock.now() > 1005.0 and svc.log.read_events().column("join_status").to_pylist() == ["defaulted"]
+        await svc.stop()
+
+    run(scenario())
+
+
+def test_back_off_doubles_up_to_its_cap():
+    assert next_backoff(0.0) == FIRST_BACKOFF_S
+    assert next_backoff(FIRST_BACKOFF_S) == 2 * FIRST_BACKOFF_S
+    assert next_backoff(MAX_BACKOFF_S) == MAX_BACKOFF_S
+
+
+def test_system_clock_wait_reports_whether_the_event_was_set():
+    async def scenario():
+        clock, event = SystemClock(), asyncio.Event()
+        assert await clock.wait(event, 0.0) is False
+        event.set()
+        assert await clock.wait(event, 0.0) is True and await clock.wait(event, None) is True
 
     run(scenario())

@@ -1,4 +1,7 @@
-"""Storage outages without Ray: acknowledged rewards wait in a bounded local spool and reach the log once, in order."""
+"""Storage outages without Ray: acknowledged rewards wait in a bounded local spool and reach the log once, in order.
+
+The drain loop runs on a ManualClock: the tests advance it by the drain interval instead of sleeping.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,12 @@ import time
 
 import pytest
 
+from conftest import ManualClock
+
 from banditroute.serve.feedback_endpoint import ack_to_http
 from banditroute.feedback.log import EventLog
-from banditroute.feedback.service import FeedbackConfig, FeedbackService
+from banditroute.feedback.config import FeedbackConfig
+from banditroute.feedback.service import FeedbackService
 from banditroute.feedback.spool import LocalSpool, SpoolFull
 from banditroute.core.records import DecisionRecord, RewardRecord
 from banditroute.core.storage import Storage, StorageUnavailable, open_storage
@@ -47,8 +53,12 @@ def decision(did: str) -> DecisionRecord:
     return DecisionRecord(did, time.time(), [0.5, -0.5, 0.25], 0.2, ["a", "b"], "b", 0.4, 3, encoder_id="enc")
 
 
+DRAIN_INTERVAL_S = 0.5
+
+
 def config(tmp_path, **kw) -> FeedbackConfig:
-    settings = dict(send_to_learner=False, unknown_grace_s=0.0, spool_dir=str(tmp_path / "spool"), spool_drain_interval_s=0.05)
+    settings = dict(send_to_learner=False, unknown_grace_s=0.0, spool_dir=str(tmp_path / "spool"),
+                    spool_drain_interval_s=DRAIN_INTERVAL_S)
     settings.update(kw)
     return FeedbackConfig(**settings)
 
@@ -61,7 +71,8 @@ def test_outage_spools_acknowledged_rewards_and_drains_them_once_in_order(tmp_pa
     storage = FlakyStorage.at(tmp_path / "log")
 
     async def scenario():
-        svc = FeedbackService(config(tmp_path), EventLog(storage))
+        clock = ManualClock(time.time())
+        svc = FeedbackService(config(tmp_path), EventLog(storage), clock=clock)
         await svc.record_decisions([decision(f"d{i}") for i in range(6)])
         assert (await svc.submit_reward(RewardRecord("d0", 1.0)))["status"] == "accepted"
         storage.down = True
@@ -73,12 +84,12 @@ def test_outage_spools_acknowledged_rewards_and_drains_them_once_in_order(tmp_pa
         assert stats["spool_depth"] == 5 and stats["spooled"] == 5 and stats["drained"] == 0  # 1 decision + 4 events
         assert logged_ids(open_storage(str(tmp_path / "log"))) == ["d0"]
         assert len(list((tmp_path / "spool" / "events").rglob("*.parquet"))) == 4
-        await asyncio.sleep(0.3)  # the drain keeps failing while storage is down; nothing is lost
+        errors = svc.stats()["storage_errors"]
+        # the drain keeps failing while storage is down; nothing is lost
+        await clock.advance_until(lambda: svc.stats()["storage_errors"] >= errors + 2, DRAIN_INTERVAL_S, what="two failed drains")
         assert svc.stats()["spool_depth"] == 5
         storage.down = False
-        deadline = time.monotonic() + 10
-        while svc.stats()["spool_depth"] and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await clock.advance_until(lambda: svc.stats()["spool_depth"] == 0, DRAIN_INTERVAL_S, what="the drain")
         stats = svc.stats()
         assert stats["spool_depth"] == 0 and stats["drained"] == 5 and stats["storage_errors"] >= 1
         assert (await svc.submit_reward(RewardRecord("d4", 1.0)))["status"] == "accepted"  # direct again
@@ -94,7 +105,8 @@ def test_full_spool_is_back_pressure_with_a_clear_message(tmp_path):
     storage = FlakyStorage.at(tmp_path / "log")
 
     async def scenario():
-        svc = FeedbackService(config(tmp_path, spool_max_events=3), EventLog(storage))
+        clock = ManualClock(time.time())
+        svc = FeedbackService(config(tmp_path, spool_max_events=3), EventLog(storage), clock=clock)
         await svc.record_decisions([decision(f"d{i}") for i in range(5)])
         storage.down = True
         assert [(await svc.submit_reward(RewardRecord(f"d{i}", 1.0)))["status"] for i in range(3)] == ["accepted"] * 3
@@ -106,8 +118,7 @@ def test_full_spool_is_back_pressure_with_a_clear_message(tmp_path):
             await svc.record_decisions([decision("d9")])  # the replica answers 503
         assert svc.stats()["spool_full_rejections"] == 2
         storage.down = False
-        while svc.stats()["spool_depth"]:
-            await asyncio.sleep(0.05)
+        await clock.advance_until(lambda: svc.stats()["spool_depth"] == 0, DRAIN_INTERVAL_S, what="the drain")
         assert (await svc.submit_reward(RewardRecord("d3", 1.0)))["status"] == "accepted"  # the retry succeeds
         await svc.stop()
 
@@ -119,24 +130,24 @@ def test_restart_during_an_outage_finds_its_spool_and_never_accepts_twice(tmp_pa
     storage = FlakyStorage.at(tmp_path / "log")
 
     async def scenario():
-        svc = FeedbackService(config(tmp_path), EventLog(storage))
+        clock = ManualClock(time.time())
+        svc = FeedbackService(config(tmp_path), EventLog(storage), clock=clock)
         await svc.record_decisions([decision(f"d{i}") for i in range(4)])
         assert (await svc.submit_reward(RewardRecord("d0", 1.0)))["status"] == "accepted"  # in the log
         storage.down = True
         assert (await svc.submit_reward(RewardRecord("d1", 1.0)))["status"] == "accepted"  # in the spool
         await svc.stop()  # the process dies; storage is still down when it comes back
 
-        again = FeedbackService(config(tmp_path), EventLog(storage))
+        again = FeedbackService(config(tmp_path), EventLog(storage), clock=clock)
         recovered = again.recover()  # must not raise (no crash loop)
-        assert recovered["storage_unavailable"] == 1 and recovered["finished"] == 1 and again.recovery_pending
+        assert recovered["storage_unavailable"] == 1 and recovered["finished"] == 1 and again.recovery.pending
         assert (await again.submit_reward(RewardRecord("d1", 0.0)))["status"] == "duplicate"  # from the spool
         waiting = await again.submit_reward(RewardRecord("d0", 0.0))  # only the log knows d0: wait, do not guess
         assert waiting["status"] == "unavailable" and "recovering" in waiting["error"]
         storage.down = False
-        deadline = time.monotonic() + 10
-        while (again.recovery_pending or again.stats()["spool_depth"]) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert not again.recovery_pending and again.stats()["spool_depth"] == 0
+        await clock.advance_until(lambda: not again.recovery.pending and again.stats()["spool_depth"] == 0, DRAIN_INTERVAL_S,
+                                  what="the late recovery and the drain")
+        assert not again.recovery.pending and again.stats()["spool_depth"] == 0
         assert (await again.submit_reward(RewardRecord("d0", 0.0)))["status"] == "duplicate"
         assert (await again.submit_reward(RewardRecord("d2", 0.0)))["status"] == "accepted"  # pending from the log
         await again.stop()
@@ -180,7 +191,8 @@ def test_s3_outage_behind_a_proxy_loses_no_acknowledged_reward(s3_proxy):  # noq
     storage_config = s3_proxy.storage_config()
 
     async def scenario():
-        svc = FeedbackService(config_for_s3(storage_config), EventLog(open_storage(storage_config)))
+        clock = ManualClock(time.time())
+        svc = FeedbackService(config_for_s3(storage_config), EventLog(open_storage(storage_config)), clock=clock)
         await svc.record_decisions([decision(f"d{i}") for i in range(30)])
         acked = []
         for i in range(30):
@@ -191,9 +203,7 @@ def test_s3_outage_behind_a_proxy_loses_no_acknowledged_reward(s3_proxy):  # noq
             ack = await svc.submit_reward(RewardRecord(f"d{i}", 1.0))
             assert ack["status"] == "accepted", ack
             acked.append(f"d{i}")
-        deadline = time.monotonic() + 20
-        while svc.stats()["spool_depth"] and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await clock.advance_until(lambda: svc.stats()["spool_depth"] == 0, DRAIN_INTERVAL_S, timeout_s=20, what="the drain")
         stats = svc.stats()
         assert stats["spool_depth"] == 0 and stats["spooled"] >= 10 and stats["storage_errors"] >= 1
         await svc.stop()
@@ -207,17 +217,11 @@ def config_for_s3(storage_config) -> FeedbackConfig:
     import tempfile
 
     return FeedbackConfig(send_to_learner=False, unknown_grace_s=0.0, spool_dir=tempfile.mkdtemp(prefix="spool-"),
-                          spool_drain_interval_s=0.1)
+                          spool_drain_interval_s=DRAIN_INTERVAL_S)
 
 
 def test_a_write_that_failed_but_landed_is_not_duplicated_by_the_drain(tmp_path):
     """The connection broke AFTER storage kept the part: the spooled copy has the same key and replaces it."""
-    import asyncio
-
-    from banditroute.feedback.log import EventLog
-    from banditroute.feedback.service import FeedbackConfig, FeedbackService
-    from banditroute.core.records import RewardRecord
-    from banditroute.core.storage import StorageUnavailable, open_storage
 
     class LandsThenFails(EventLog):
         fail_next = True

@@ -3,11 +3,12 @@ pin/unpin through the admin methods, and a killed learner resumes without any ve
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import numpy as np
 import pytest
+
+from conftest import wait_until
 
 from banditroute.policy.reward import fit_tau
 from banditroute.core.storage import StorageConfig
@@ -30,16 +31,14 @@ def _wait_restarted(learner, started_at: float, timeout_s=90.0):
     """Status of the NEW instance (ray.kill returns before the old one is gone)."""
     import ray
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def restarted_status():
         try:
             status = ray.get(learner.status.remote(), timeout=10)
-            if status["started_at"] > started_at:
-                return status
         except Exception:  # noqa: BLE001 - restarting
-            pass
-        time.sleep(0.3)
-    raise AssertionError("the learner did not come back")
+            return None
+        return status if status["started_at"] > started_at else None
+
+    return wait_until(restarted_status, timeout_s, interval_s=0.3, what="the learner to come back")
 
 
 def test_gate_pin_and_restart_on_ray(ray_cluster, problem, tmp_path):

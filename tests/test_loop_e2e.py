@@ -17,23 +17,14 @@ import httpx
 import numpy as np
 import pytest
 
+from conftest import wait_until
+
 from banditroute.feedback.log import EventLog
 from banditroute.core.security import sign, verify
 from banditroute.core.storage import StorageConfig, open_storage
 from banditroute.testkit.synthetic import make_routing_data
 
 pytestmark = pytest.mark.ray
-
-
-def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture
@@ -123,7 +114,7 @@ def test_rewards_train_new_weights_that_every_replica_serves(loop):
         versions = ray.get(loop["ps"].replica_versions.remote(10.0))
         return versions if len(versions) == 2 and all(v >= final["policy_version"] for v in versions.values()) else None
 
-    wait_for(both_current, 30, what="both replicas on the final version")
+    wait_until(both_current, 30, what="both replicas on the final version")
 
     # The durable log holds every acknowledged event, exactly once.
     logged = EventLog(open_storage(loop["storage"])).read_events().column("decision_id").to_pylist()
@@ -131,17 +122,17 @@ def test_rewards_train_new_weights_that_every_replica_serves(loop):
 
     # A restarted feedback actor recovers what it acknowledged (a repeat is a duplicate, not a second event).
     ray.kill(loop["feedback"], no_restart=False)
-    again = wait_for(lambda: _try(lambda: ray.get(loop["feedback"].submit_reward.remote(_reward(raw_id(acked[2]))))), 60, what="feedback restart")
+    again = wait_until(lambda: _try(lambda: ray.get(loop["feedback"].submit_reward.remote(_reward(raw_id(acked[2]))))), 60, what="feedback restart")
     assert again["status"] == "duplicate"
 
     # A restarted learner resumes at (at least) the version replicas serve; versions never go back.
     ray.kill(loop["learner"], no_restart=False)
-    resumed = wait_for(lambda: _try(lambda: ray.get(loop["learner"].status.remote())), 60, what="learner restart")
+    resumed = wait_until(lambda: _try(lambda: ray.get(loop["learner"].status.remote())), 60, what="learner restart")
     assert resumed["policy_version"] >= final["policy_version"]
     with httpx.Client(base_url=loop["base"], timeout=30.0, trust_env=False) as client:
         route_and_reward(client, loop["data"], 10, rng)
     ray.get(loop["feedback"].flush.remote(30.0))
-    after = wait_for(lambda: (s := ray.get(loop["learner"].status.remote()))["policy_version"] > resumed["policy_version"] and s, 30,
+    after = wait_until(lambda: (s := ray.get(loop["learner"].status.remote()))["policy_version"] > resumed["policy_version"] and s, 30,
                      what="an update after the restart")
     assert after["policy_version"] > final["policy_version"]
 

@@ -2,8 +2,8 @@
 bad inputs, two replicas, durable decision log, weights refresh from the ParameterServer.
 
 One application is deployed for the whole module (deploying costs seconds on 2 cores) and deleted
-at the end; the tests only send requests to it. The weights-refresh test runs last because it
-changes the served version.
+at the end; the tests only send requests to it and run in any order: none assumes which weights or
+version are served, and the weights-refresh test publishes a version above whatever it finds.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import uuid
 import httpx
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -26,10 +26,11 @@ PS_NAMESPACE = "banditroute-test"
 
 
 class FlakyUpstream:
-    """A tiny OpenAI-style upstream in this process whose behaviour the test switches: ok / 500 / slow."""
+    """A tiny OpenAI-style upstream in this process whose behaviour the test switches: ok / 500 / hang."""
 
     def __init__(self):
         self.mode = "ok"
+        self._released = threading.Event()
         self.port = free_port()
         self._loop = None
         ready = threading.Event()
@@ -43,8 +44,8 @@ class FlakyUpstream:
             body = await request.json()
             if self.mode == "500":
                 return web.json_response({"error": {"message": "boom"}}, status=500)
-            if self.mode == "slow":
-                await asyncio.sleep(3)
+            if self.mode == "hang":  # no answer until release(): the caller's timeout has to fire
+                await asyncio.get_running_loop().run_in_executor(None, self._released.wait, 30)
             return web.json_response({
                 "id": "x", "object": "chat.completion", "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "flaky says hi"}, "finish_reason": "stop"}],
@@ -61,7 +62,18 @@ class FlakyUpstream:
         ready.set()
         loop.run_forever()
 
+    def hang(self):
+        """Hold every answer until :meth:`release`."""
+        self._released.clear()
+        self.mode = "hang"
+
+    def release(self):
+        """Answer normally again, including the requests still held."""
+        self.mode = "ok"
+        self._released.set()
+
     def stop(self):
+        self.release()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
@@ -103,10 +115,7 @@ def deployed(serve_http_port, tmp_path_factory):
     serve.run(build_app({"router": config}), name=APP, route_prefix="/")
     base = f"http://127.0.0.1:{serve_http_port}"
     with httpx.Client(base_url=base, timeout=30) as client:
-        deadline = time.time() + 60
-        while client.get("/healthz").status_code != 200:
-            assert time.time() < deadline, "healthz never answered 200"
-            time.sleep(0.2)
+        wait_until(lambda: client.get("/healthz").status_code == 200, 60, what="healthz to answer 200")
         yield {
             "client": client,
             "base": base,
@@ -230,11 +239,11 @@ def test_upstream_failures_fallback_502_504(deployed):
         r = c.post("/v1/chat/completions", json={"model": "banditroute", "messages": messages, "candidates": ["small-model"]})
         assert r.status_code == 502 and "small-model" in r.json()["error"]["message"] and "big-model" in r.json()["error"]["message"]
         assert r.headers["x-banditroute-decision-id"]
-        flaky.mode = "slow"
+        flaky.hang()
         r = c.post("/v1/chat/completions", json={"model": "big-model", "messages": messages})
         assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
     finally:
-        flaky.mode = "ok"
+        flaky.release()
 
 
 BAD_INPUTS = [
@@ -337,19 +346,19 @@ def test_weights_refresh_from_parameter_server(deployed):
 
     c = deployed["client"]
     ps = get_or_create_parameter_server(deployed["ps_name"], namespace=PS_NAMESPACE)
+    target = max(ray.get(ps.latest_version.remote()), c.get("/healthz").json()["policy_version"]) + 5
     new = hashing_policy(("big-model", "mid-model", "small-model"), seed=11)
-    ray.get(ps.publish.remote(WeightsSnapshot(policy_version=5, state=new.state())))
-    deadline = time.time() + 30
-    while True:
+    ray.get(ps.publish.remote(WeightsSnapshot(policy_version=target, state=new.state())))
+
+    def both_replicas_on_target():
         versions = ray.get(ps.replica_versions.remote())
-        if len(versions) == 2 and all(v == 5 for v in versions.values()):
-            break
-        assert time.time() < deadline, f"replicas did not reach v5: {versions}"
-        time.sleep(0.2)
+        return versions if len(versions) == 2 and all(v == target for v in versions.values()) else None
+
+    versions = wait_until(both_replicas_on_target, 30, what=f"both replicas on v{target}")
     answers = [route(c, {"prompt": f"after swap {i}"}) for i in range(12)]
-    assert all(a["policy_version"] == 5 for a in answers)
+    assert all(a["policy_version"] == target for a in answers)
     assert {a["replica_id"] for a in answers} <= set(versions)
-    assert c.get("/healthz").json()["policy_version"] == 5
+    assert c.get("/healthz").json()["policy_version"] == target
     # the new weights decide: greedy answers match a local core holding the same weights
     from banditroute.serve.core import RouteRequest, RouterCore
 

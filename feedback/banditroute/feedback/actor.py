@@ -32,8 +32,10 @@ import numpy as np
 import pyarrow as pa
 
 from banditroute.core.config import from_dict
+from banditroute.feedback.config import FeedbackConfig
+from banditroute.feedback.delivery import BatchRejected
 from banditroute.feedback.log import EventLog
-from banditroute.feedback.service import BatchRejected, FeedbackConfig, FeedbackService
+from banditroute.feedback.service import FeedbackService
 from banditroute.core.names import FEEDBACK_ACTOR_NAME, LEARNER_ACTOR_NAME, NAMESPACE
 from banditroute.core.records import DecisionRecord, RewardRecord, decisions_from_table
 from banditroute.core.storage import StorageConfig, open_storage
@@ -71,7 +73,7 @@ class FeedbackActor:
                 # Stay up: rewards for ids only the log knows answer 'unavailable'
                 # until the drain loop's retry of the recovery succeeds.
                 logger.error("feedback actor recovery failed (%s); retrying in the background", exc)
-                self.service.recovery_pending = True
+                self.service.recovery.pending = True
                 recovered = {"failed": 1}
             logger.info("feedback actor recovered %s", recovered)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -77,8 +77,10 @@ class GroupCommitter(Generic[T]):
         max_wait_s: float = 0.0,
         max_items: int = 10_000,
         executor: concurrent.futures.Executor | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         self._write = write
+        self._sleep = sleep
         self.max_wait_s = max_wait_s
         self.max_items = max_items
         self._executor = executor
@@ -113,7 +115,7 @@ class GroupCommitter(Generic[T]):
             if not self._queue:
                 continue
             if self.max_wait_s > 0 and sum(len(i) for i, _ in self._queue) < self.max_items:
-                await asyncio.sleep(self.max_wait_s)
+                await self._sleep(self.max_wait_s)
             taken: list[tuple[list[T], asyncio.Future]] = []
             n = 0
             while self._queue and (not taken or n + len(self._queue[0][0]) <= self.max_items):
