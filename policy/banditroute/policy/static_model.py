@@ -24,10 +24,10 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Callable
 
 log = logging.getLogger(__name__)
 
