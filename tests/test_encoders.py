@@ -16,6 +16,7 @@ from banditroute.policy.encoders import (
     encode_with_cache,
     make_encoder,
     mean_rows,
+    static_model_folder,
 )
 from banditroute.policy.static_model import StaticBuildSpec, publish_atomically
 
@@ -159,8 +160,31 @@ def test_static_encoder_id_names_source_hash_and_settings(static_config):
     assert "-pca256-sif0.0001-float16-" in enc.encoder_id
     spec = StaticBuildSpec(**{k: built[k] for k in built if k != "key"})
     changed = [dataclasses.replace(spec, pca_dims=128), dataclasses.replace(spec, source_sha256="0" * 64),
-               dataclasses.replace(spec, model2vec_version="9.9"), dataclasses.replace(spec, sif_coefficient=1e-3)]
-    assert len({spec.key, *(c.key for c in changed)}) == 5  # each distillation input changes the key
+               dataclasses.replace(spec, model2vec_version="9.9"), dataclasses.replace(spec, sif_coefficient=1e-3),
+               dataclasses.replace(spec, sif_coefficient=0.0), dataclasses.replace(spec, quantize_to="float32")]
+    assert len({spec.key, *(c.key for c in changed)}) == 7  # each distillation input changes the key
+
+
+def test_static_distillation_settings_reach_the_build_spec(tmp_path, monkeypatch):
+    from banditroute.policy import static_model
+
+    def fake_distill(folder, source_dir, spec):
+        (folder / "build.json").write_text(json.dumps(dataclasses.asdict(spec)))
+
+    monkeypatch.setattr(static_model, "distill_into", fake_distill)
+    cfg = EncoderConfig(name="static", model_cache_dir=str(tmp_path), static_dim=384,
+                        static_sif_coefficient=0.0, static_dtype="float32")
+    folder, spec = static_model_folder(cfg)
+    assert (spec.pca_dims, spec.sif_coefficient, spec.quantize_to) == (384, 0.0, "float32")
+    assert folder == tmp_path / spec.key and "-pca384-sif0-float32" in spec.key
+    assert json.loads((folder / "build.json").read_text())["quantize_to"] == "float32"
+
+
+@pytest.mark.parametrize("bad", [{"static_sif_coefficient": -1e-4}, {"static_sif_coefficient": 1.0},
+                                 {"static_dtype": "int8"}, {"static_dim": 1}])
+def test_static_settings_are_validated(bad):
+    with pytest.raises(ValueError, match="encoder.static_"):
+        EncoderConfig(name="static", **bad).validate()
 
 
 def test_static_encoder_reuses_its_cache_and_clips_huge_prompts(static_config, monkeypatch):

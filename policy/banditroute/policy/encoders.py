@@ -36,7 +36,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from banditroute.policy.static_model import ensure_static_model, load_static_model
+from banditroute.policy.static_model import (
+    QUANTIZE_TO,
+    SIF_COEFFICIENT,
+    STORAGE_DTYPES,
+    StaticBuildSpec,
+    ensure_static_model,
+    load_static_model,
+)
 
 DEFAULT_CHARS_PER_TOKEN = 16
 """About 3x the densest real prompts (RouterBench, LLMRouter: at most 6 characters per
@@ -65,7 +72,13 @@ class EncoderConfig:
     dim: int = 384
     """Output dimension of the 'hashing' encoder (MiniLM is always 384)."""
     static_dim: int = 256
-    """Output dimension of the 'static' encoder (PCA of the distilled token vectors; at most the source width)."""
+    """Output dimension of the 'static' encoder: PCA of the distilled token vectors (at most the source width;
+    the source width, 384 for MiniLM, keeps every dimension, only centred and rotated)."""
+    static_sif_coefficient: float = SIF_COEFFICIENT
+    """'static' token weighting: a token of Zipf frequency p (from its vocabulary rank) is scaled by a / (a + p),
+    so frequent tokens count less in the mean; 0 = no weighting (a plain mean)."""
+    static_dtype: str = QUANTIZE_TO
+    """Storage dtype of the 'static' token vectors, 'float16' or 'float32' (averaged in float32 either way)."""
     model_cache_dir: str = DEFAULT_MODEL_CACHE_DIR
     """Where the 'static' encoder's distilled model is built once and reused (not part of the encoder id)."""
 
@@ -80,6 +93,10 @@ class EncoderConfig:
             raise ValueError("encoder.batch_size must be >= 1")
         if self.static_dim < 2:
             raise ValueError("encoder.static_dim must be >= 2")
+        if not 0 <= self.static_sif_coefficient < 1:
+            raise ValueError("encoder.static_sif_coefficient must be in [0, 1)")
+        if self.static_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"encoder.static_dtype must be one of {STORAGE_DTYPES}")
 
 
 class PromptEncoder(Protocol):
@@ -243,8 +260,7 @@ class StaticEncoder:
     def __init__(self, config: EncoderConfig):
         from tokenizers import Tokenizer
 
-        source_dir, source_name = source_model_path(config)
-        folder, spec = ensure_static_model(source_dir, source_name, config.static_dim, config.model_cache_dir)
+        folder, spec = static_model_folder(config)
         self.config = config
         self.model = load_static_model(folder)
         self.max_tokens = int(config.max_tokens)
@@ -303,9 +319,21 @@ def build_static_encoder(config: EncoderConfig) -> str:
 
     For a build step (image, deploy job) so the first request does not pay the ~15 s.
     """
-    source_dir, source_name = source_model_path(config)
-    folder, _ = ensure_static_model(source_dir, source_name, config.static_dim, config.model_cache_dir)
+    folder, _ = static_model_folder(config)
     return str(folder)
+
+
+def static_model_folder(config: EncoderConfig) -> tuple[Path, StaticBuildSpec]:
+    """(folder, build spec) of the distilled model ``config``'s static settings name; distilled on first use."""
+    source_dir, source_name = source_model_path(config)
+    return ensure_static_model(
+        source_dir,
+        source_name,
+        config.model_cache_dir,
+        pca_dims=config.static_dim,
+        sif_coefficient=config.static_sif_coefficient,
+        quantize_to=config.static_dtype,
+    )
 
 
 # --- cache ------------------------------------------------------------------

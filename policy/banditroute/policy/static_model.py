@@ -32,9 +32,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SIF_COEFFICIENT = 1e-4
-"""model2vec's default token weighting (smooth inverse frequency)."""
+"""model2vec's default token weighting (smooth inverse frequency); 0 switches the weighting off."""
 QUANTIZE_TO = "float16"
 """Storage type of the token vectors (model2vec's default; 15 MB for MiniLM at 256 dims)."""
+STORAGE_DTYPES = ("float16", "float32")
+"""Storage types a static model may be distilled to (both are averaged in float32)."""
 _SOURCE_SUFFIXES = (".json", ".txt", ".safetensors", ".bin", ".model")
 """Top-level files of a source model that distillation can read (weights, config, tokenizer)."""
 _BUILD_INFO = "build.json"
@@ -49,11 +51,11 @@ class StaticBuildSpec:
     source_sha256: str
     """Hash of the source model's files (see ``source_fingerprint``)."""
     pca_dims: int
-    """Output dimension (PCA of the token vectors)."""
+    """Output dimension (PCA of the token vectors; the source width keeps every dimension, centred and rotated)."""
     sif_coefficient: float = SIF_COEFFICIENT
-    """SIF token weighting coefficient."""
+    """SIF token weighting coefficient a: a token of Zipf frequency p is scaled by a / (a + p); 0 = no weighting."""
     quantize_to: str = QUANTIZE_TO
-    """Storage dtype of the vectors."""
+    """Storage dtype of the vectors (one of STORAGE_DTYPES)."""
     model2vec_version: str = ""
     """major.minor of the model2vec that distills (its algorithm may change between minors)."""
 
@@ -94,11 +96,23 @@ def _fingerprint(folder: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
     return outer.hexdigest()
 
 
-def build_spec(source_dir: str | os.PathLike, source_name: str, pca_dims: int) -> StaticBuildSpec:
+def build_spec(
+    source_dir: str | os.PathLike,
+    source_name: str,
+    pca_dims: int,
+    sif_coefficient: float = SIF_COEFFICIENT,
+    quantize_to: str = QUANTIZE_TO,
+) -> StaticBuildSpec:
+    if not 0 <= sif_coefficient < 1:
+        raise ValueError(f"static sif_coefficient must be in [0, 1), got {sif_coefficient}")
+    if quantize_to not in STORAGE_DTYPES:
+        raise ValueError(f"static dtype {quantize_to!r}: expected one of {STORAGE_DTYPES}")
     return StaticBuildSpec(
         source_name=source_name,
         source_sha256=source_fingerprint(source_dir),
         pca_dims=int(pca_dims),
+        sif_coefficient=float(sif_coefficient),
+        quantize_to=quantize_to,
         model2vec_version=model2vec_minor_version(),
     )
 
@@ -146,7 +160,7 @@ def distill_into(folder: Path, source_dir: str | os.PathLike, spec: StaticBuildS
         tokenizer=tokenizer,
         device="cpu",
         pca_dims=spec.pca_dims,
-        sif_coefficient=spec.sif_coefficient,
+        sif_coefficient=spec.sif_coefficient or None,  # model2vec spells "no weighting" None
         quantize_to=spec.quantize_to,
     )
     static.save_pretrained(folder)
@@ -154,10 +168,15 @@ def distill_into(folder: Path, source_dir: str | os.PathLike, spec: StaticBuildS
 
 
 def ensure_static_model(
-    source_dir: str | os.PathLike, source_name: str, pca_dims: int, cache_root: str | os.PathLike
+    source_dir: str | os.PathLike,
+    source_name: str,
+    cache_root: str | os.PathLike,
+    pca_dims: int,
+    sif_coefficient: float = SIF_COEFFICIENT,
+    quantize_to: str = QUANTIZE_TO,
 ) -> tuple[Path, StaticBuildSpec]:
     """(folder of the static model, its spec): distilled on first use, then read from the cache."""
-    spec = build_spec(source_dir, source_name, pca_dims)
+    spec = build_spec(source_dir, source_name, pca_dims, sif_coefficient, quantize_to)
     final = Path(cache_root).expanduser() / spec.key
     if not final.is_dir():
         log.warning("building static encoder %s from %s (once; ~15 s on 2 cores)", spec.key, source_dir)
