@@ -5,9 +5,11 @@ WeightsSnapshot records the policy's ``kind``; :data:`POLICY_KINDS` maps it
 to the class (``barp`` when a checkpoint predates the field):
 
 * ``barp``: :class:`banditroute.policy.barp.BarpPolicy`, a fixed pool with one output per model;
-* ``identity``: :class:`banditroute.policy.identity_policy.IdentityPolicy`, any pool from the model registry.
+* ``identity``: :class:`banditroute.policy.identity_policy.IdentityPolicy`, any pool from the model registry;
+* ``value``: :class:`banditroute.policy.value_policy.ValuePolicy`, a fixed pool, per-model predicted score and cost
+  with Thompson exploration over bootstrap heads.
 
-Both implement :class:`banditroute.policy.base.RoutingPolicy`.
+All implement :class:`banditroute.policy.base.RoutingPolicy`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ from banditroute.core.storage import StorageConfig, open_storage
 from banditroute.policy.barp import BarpPolicy
 from banditroute.policy.base import META_FILE, WEIGHTS_FILE, RoutingPolicy, kind_of, read_meta
 from banditroute.policy.identity_policy import IdentityPolicy
+from banditroute.policy.value_policy import ValuePolicy
 
-POLICY_KINDS: dict[str, type[RoutingPolicy]] = {BarpPolicy.kind: BarpPolicy, IdentityPolicy.kind: IdentityPolicy}
+POLICY_KINDS: dict[str, type[RoutingPolicy]] = {
+    BarpPolicy.kind: BarpPolicy, IdentityPolicy.kind: IdentityPolicy, ValuePolicy.kind: ValuePolicy,
+}
 """Policy classes by the ``kind`` their checkpoints and states record."""
 
 

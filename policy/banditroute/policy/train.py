@@ -57,6 +57,8 @@ class BanditLoopConfig:
     """tau = this quantile of per-call cost in the training data."""
     seed: int = 0
     """Seeds preferences, actions and initial weights."""
+    max_pulls: int = 0
+    """Stop after this many pulls (decisions with feedback), however many epochs that takes; 0 = epochs x prompts."""
     exploration_floor: float = DEFAULT_EXPLORATION_FLOOR
     """Explore-mode floor on each candidate's sampling probability (as the Router replicas apply it)."""
     exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING
@@ -67,6 +69,8 @@ class BanditLoopConfig:
             raise ValueError("train.epochs and train.batch_size must be >= 1")
         if self.learning_rate <= 0:
             raise ValueError("train.learning_rate must be > 0")
+        if self.max_pulls < 0:
+            raise ValueError("train.max_pulls must be >= 0")
         if not 0 < self.tau_quantile <= 1:
             raise ValueError("train.tau_quantile must be in (0, 1]")
         check_bounds(self.exploration_floor, self.exploration_ceiling, "train.")
@@ -176,15 +180,17 @@ def bandit_training_loop(
     )
     history: list[dict[str, float]] = []
     n = len(env)
+    budget = config.max_pulls or config.epochs * n
+    n_epochs = -(-budget // n)
     steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = (n_epochs - 1) * steps_per_epoch + -(-(budget - (n_epochs - 1) * n) // config.batch_size)
     step_no = 0
-    with torch_threads(cpu_threads, device), progress_bar(total=config.epochs, desc=desc) as bar:
-        for epoch in range(config.epochs):
+    with torch_threads(cpu_threads, device), progress_bar(total=n_epochs, desc=desc) as bar:
+        for epoch in range(n_epochs):
             module.train()
-            order = rng.permutation(n)
+            order = rng.permutation(n)[: budget - epoch * n]
             epoch_reward, epoch_entropy = 0.0, 0.0
-            for start in range(0, n, config.batch_size):
+            for start in range(0, len(order), config.batch_size):
                 rows = order[start : start + config.batch_size]
                 w = sample_w_cost(rng, len(rows))
                 w_t = torch.as_tensor(w, dtype=torch.float32, device=device)
@@ -211,10 +217,10 @@ def bandit_training_loop(
                 epoch_reward += float(r.sum())
                 epoch_entropy += float(stats["entropy"]) * len(rows)
                 step_no += 1
-            history.append({"epoch": epoch, "mean_reward": epoch_reward / n, "entropy": epoch_entropy / n})
+            history.append({"epoch": epoch, "mean_reward": epoch_reward / len(order), "entropy": epoch_entropy / len(order)})
             bar.update(1)
             if hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(f"reward {epoch_reward / n:.3f}")
+                bar.set_postfix_str(f"reward {epoch_reward / len(order):.3f}")
     module.eval()
     return history
 

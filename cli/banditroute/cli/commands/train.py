@@ -1,4 +1,4 @@
-"""`banditroute train`: train the BaRP policy on logged outcomes, bandit feedback only."""
+"""`banditroute train`: train a routing policy (BaRP, identity or value) on logged outcomes, bandit feedback only."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from banditroute.core.config import load_config, parse_set_args, to_dict
 from banditroute.core.data import load_routing_data, resolve_data_path
 from banditroute.policy.encoders import DEFAULT_CACHE_DIR, EncoderConfig, embed_prompts
 from banditroute.policy.train import TrainConfig, train_bandit_policy
+from banditroute.policy.value_train import ValueTrainConfig, train_value_policy
 
 HELP = "train the routing policy under bandit feedback; prints the checkpoint path last"
 
@@ -22,9 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set train.epochs=50")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="embedding cache folder ('none' disables it)")
     parser.add_argument("--device", default="auto", help="torch device for the encoder: auto, cpu, cuda")
-    parser.add_argument("--kind", choices=["barp", "identity"], default="barp",
+    parser.add_argument("--kind", choices=["barp", "identity", "value"], default="barp",
                         help="barp: one output per model of the data (default); identity: IRT model identities, "
-                             "any candidate set, new models onboarded without retraining (banditroute onboard)")
+                             "any candidate set, new models onboarded without retraining (banditroute onboard); "
+                             "value: per-model predicted score and cost, Thompson exploration, replayed pulls")
 
 
 def load_train_configs(args: argparse.Namespace, train_cls: type = TrainConfig) -> tuple[TrainConfig, EncoderConfig]:
@@ -72,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         from banditroute.policy.identity_train import IdentityTrainConfig, train_identity_policy
 
         train_cls, train_fn = IdentityTrainConfig, train_identity_policy
+    elif args.kind == "value":
+        train_cls, train_fn = ValueTrainConfig, train_value_policy
     else:
         train_cls, train_fn = TrainConfig, train_bandit_policy
     train_cfg, enc_cfg = load_train_configs(args, train_cls)
