@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from banditroute.learner.checkpoint import list_checkpoints
-from banditroute.learner.learner import LearnerConfig, OnlineLearner, events_to_rows
+from banditroute.learner.config import LearnerConfig
+from banditroute.learner.learner import OnlineLearner, events_to_rows, optimizer_state_from_bytes, optimizer_state_to_bytes
 from banditroute.learner.module import BarpRLModule
 from banditroute.policy.barp import BarpPolicy, NetworkConfig, PolicyMeta
 from banditroute.policy.exploration import ExplorationBounds
@@ -206,3 +207,51 @@ def test_events_answered_by_a_fallback_model_are_not_credited_to_the_chosen_one(
     rows = events_to_rows(table, policy)
     assert len(rows) == 2 and rows.skipped == {"fallback_served": 2}
     assert prepare_logged_data(EventBatch.from_table(table), policy).rows.tolist() == [0, 1]
+
+
+class _RunsCode:
+    """A pickle payload that would run code when unpickled."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_optimizer_state_is_saved_without_pickled_objects_and_resumes_adam(problem, tmp_path):
+    import io
+    import pickle
+
+    from banditroute.learner.checkpoint import LEGACY_PICKLE_STATE_FILE, load_checkpoint, save_checkpoint
+
+    data, emb, enc_id = problem
+    policy = new_policy(data, emb, enc_id)
+    learner = OnlineLearner(policy, LearnerConfig(learning_rate=1e-3))
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    for step in range(3):
+        learner.update(logged_batch(policy, data, emb, enc_id, rng, gen, tag=f"{step}-")[0])
+    blob = learner.optimizer_state_bytes()
+    # Only tensors and plain containers: the restricted unpickler accepts it ...
+    state = optimizer_state_from_bytes(blob)
+    moments = [v for group in state.values() for p in group["state"]["state"].values() for v in p.values() if torch.is_tensor(v)]
+    assert moments and any(float(m.abs().sum()) > 0 for m in moments)
+    # ... and a resumed learner continues with the same Adam moments.
+    storage = open_storage(str(tmp_path)).child("checkpoints")
+    learner.save_checkpoint(storage)
+    resumed = OnlineLearner.resume_or_start(storage, new_policy(data, emb, enc_id, seed=3))
+    again = optimizer_state_from_bytes(resumed.optimizer_state_bytes())
+    first = next(iter(state.values()))["state"]["state"]
+    second = next(iter(again.values()))["state"]["state"]
+    assert all(torch.equal(first[k]["exp_avg"], second[k]["exp_avg"]) for k in first)
+    # Bytes holding an arbitrary object are refused, not executed.
+    evil = io.BytesIO()
+    torch.save({"x": _RunsCode()}, evil)
+    with pytest.raises(pickle.UnpicklingError):
+        optimizer_state_from_bytes(evil.getvalue())
+    # A legacy checkpoint whose optimizer state is a pickle loads its weights, never the pickle.
+    legacy = open_storage(str(tmp_path / "legacy")).child("checkpoints")
+    save_checkpoint(legacy, policy, learner_state=None)
+    folder = f"v{policy.policy_version:012d}"
+    legacy.write_bytes(f"{folder}/{LEGACY_PICKLE_STATE_FILE}", pickle.dumps(_RunsCode()))
+    manifest = legacy.read_json(f"{folder}/manifest.json")
+    legacy.write_json(f"{folder}/manifest.json", dict(manifest, files=manifest["files"] + [LEGACY_PICKLE_STATE_FILE]))
+    loaded, learner_state, _ = load_checkpoint(legacy, policy.policy_version)
+    assert learner_state is None and loaded.policy_version == policy.policy_version

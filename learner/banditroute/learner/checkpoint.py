@@ -4,7 +4,8 @@ Layout under the checkpoint root (``<storage>/checkpoints`` by default)::
 
     v000000000042/policy.pt        BarpPolicy weights (torch.save of the state dict)
     v000000000042/meta.json        PolicyMeta (models, tau, encoder, policy_version ...)
-    v000000000042/learner.pkl      optimizer state (optional; resuming keeps Adam's moments)
+    v000000000042/optimizer.pt     optimizer state (optional; resuming keeps Adam's moments);
+                                   tensors and plain values only, read with torch.load(weights_only=True)
     v000000000042/manifest.json    written LAST: a checkpoint without it is incomplete
 
 The weights' version has one home, meta.json (what every policy loader
@@ -29,6 +30,7 @@ serve --policy` and `banditroute ope --policy`.
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 import time
@@ -41,8 +43,12 @@ from banditroute.core.storage import Storage
 
 MANIFEST_FILE = "manifest.json"
 PROMOTION_STATE_FILE = "promotion.json"
-LEARNER_STATE_FILE = "learner.pkl"
+LEARNER_STATE_FILE = "optimizer.pt"
+LEGACY_PICKLE_STATE_FILE = "learner.pkl"
+"""Optimizer state of checkpoints written before optimizer.pt: a pickle, never read (unpickling data from a
+bucket runs whatever code it holds); such a checkpoint resumes with a fresh optimizer."""
 DEFAULT_CHECKPOINT_PREFIX = "checkpoints"
+logger = logging.getLogger(__name__)
 _DIR_RE = re.compile(r"^v(\d{12})$")
 
 
@@ -149,8 +155,12 @@ def load_checkpoint(storage: Storage, version: int, device: str = "cpu") -> tupl
     if policy.policy_version != int(version):
         raise ValueError(f"{storage.uri_for(folder)}: meta.json holds v{policy.policy_version}, not v{int(version)}")
     learner_state = None
-    if LEARNER_STATE_FILE in manifest.get("files", []):
+    files = manifest.get("files", [])
+    if LEARNER_STATE_FILE in files:
         learner_state = storage.read_bytes(f"{folder}/{LEARNER_STATE_FILE}")
+    elif LEGACY_PICKLE_STATE_FILE in files:
+        logger.warning("%s: optimizer state is a legacy pickle (%s), not loaded; the optimizer starts fresh",
+                       storage.uri_for(folder), LEGACY_PICKLE_STATE_FILE)
     return policy, learner_state, manifest
 
 

@@ -24,7 +24,6 @@ estimator, as in PPO/IMPALA-style truncation).
 from __future__ import annotations
 
 import io
-import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -38,7 +37,7 @@ from banditroute.learner.checkpoint import (
     save_checkpoint,
 )
 from banditroute.learner.module import MASK, PROPENSITIES, W_COST, BarpRLModule
-from banditroute.learner.config import LearnerConfig  # noqa: F401  (re-exported: its home before learner/config.py)
+from banditroute.learner.config import LearnerConfig
 from banditroute.policy.barp import BarpPolicy
 from banditroute.policy.losses import clipped_importance_weights, reinforce_loss, value_loss
 from banditroute.policy.reward import reward
@@ -235,6 +234,35 @@ def mint_version(policy: BarpPolicy, version: int) -> None:
     policy.meta.policy_version = int(version)
 
 
+def _tensors_for_save(value: Any) -> Any:
+    """numpy arrays -> tensors, recursively: what torch.load(weights_only=True) accepts."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _tensors_for_save(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tensors_for_save(v) for v in value)
+    return value
+
+
+def optimizer_state_to_bytes(state: dict[str, Any]) -> bytes:
+    """RLlib's optimizer state as torch.save bytes holding only tensors and plain values (no pickled objects)."""
+    buf = io.BytesIO()
+    torch.save(_tensors_for_save(state), buf)
+    return buf.getvalue()
+
+
+def optimizer_state_from_bytes(data: bytes) -> dict[str, Any]:
+    """The inverse of :func:`optimizer_state_to_bytes`; ``weights_only=True`` refuses anything but tensors
+    and plain containers, so bytes from storage cannot run code (torch.load's unpickler is restricted)."""
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"optimizer state: expected a mapping, got {type(state).__name__}")
+    return state
+
+
 class OnlineLearner:
     """RLlib learner + version counter + checkpoints for one routing policy.
 
@@ -271,7 +299,7 @@ class OnlineLearner:
         self.module.set_state({k: v.detach().cpu().numpy() for k, v in policy.network.state_dict().items()})
         self.policy.network = self.module.net
         if learner_state is not None:
-            self.rl_learner.set_state({COMPONENT_OPTIMIZER: pickle.loads(learner_state)})
+            self.rl_learner.set_state({COMPONENT_OPTIMIZER: optimizer_state_from_bytes(learner_state)})
         self.replay = ReplayBuffer(self.config.replay_capacity, self.config.seed)
         self.updates = 0
         self.events_trained = 0
@@ -339,10 +367,7 @@ class OnlineLearner:
     # --- checkpoints ----------------------------------------------------------
 
     def optimizer_state_bytes(self) -> bytes:
-        state = self.rl_learner.get_state(components=COMPONENT_OPTIMIZER)[COMPONENT_OPTIMIZER]
-        buf = io.BytesIO()
-        pickle.dump(state, buf, protocol=pickle.HIGHEST_PROTOCOL)
-        return buf.getvalue()
+        return optimizer_state_to_bytes(self.rl_learner.get_state(components=COMPONENT_OPTIMIZER)[COMPONENT_OPTIMIZER])
 
     def save_checkpoint(self, storage: Storage, extra: dict[str, Any] | None = None, protect: Sequence[int] = ()) -> str:
         """Write checkpoint ``v<policy_version>`` under ``storage`` (a Storage rooted at the checkpoint prefix).

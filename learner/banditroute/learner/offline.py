@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from banditroute.learner.learner import LearnerConfig, OnlineLearner
+from banditroute.learner.config import LearnerConfig
+from banditroute.learner.learner import OnlineLearner
 from banditroute.learner.promotion import evaluate_candidate
 from banditroute.policy.barp import BarpPolicy
 
