@@ -244,6 +244,27 @@ class WeightsSnapshot:
     trained_through: float = 0.0
     """Newest reward_time among the events this version was trained on."""
 
+    def check_finite(self) -> None:
+        """Raise NonFiniteWeightsError naming the tensors that hold NaN or +-inf.
+
+        Every path that makes weights current calls it (publish, pin, swap, cold
+        start): non-finite weights make every routing batch fail, so they are
+        refused and the previous weights stay in service.
+        """
+        bad = non_finite_weights(self.state.get("weights", {}))
+        if bad:
+            raise NonFiniteWeightsError(f"weights v{self.policy_version}: non-finite values in {bad[:5]}"
+                                        + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+
+
+class NonFiniteWeightsError(ValueError):
+    """Weights with NaN or infinite values: never made current."""
+
+
+def non_finite_weights(weights: Any) -> list[str]:
+    """Names of the tensors in ``weights`` (name -> array-like) that hold a NaN or an infinity."""
+    return [name for name, value in weights.items() if not np.isfinite(np.asarray(value, dtype=np.float64)).all()]
+
 
 class DecisionSink(Protocol):
     """Where replicas send their decisions (durably, before they are forgotten): one Arrow batch per call."""

@@ -51,6 +51,7 @@ class ParameterServerState:
         self.reserved = -1
 
     def publish(self, snapshot: WeightsSnapshot) -> int:
+        snapshot.check_finite()  # refused here, replicas never see them; the publisher counts the error
         if self.latest is not None and snapshot.policy_version <= self.latest.policy_version:
             raise ValueError(
                 f"policy_version {snapshot.policy_version} is not newer than {self.latest.policy_version}"

@@ -217,7 +217,11 @@ class PolicyBase:
         return cls.from_snapshot(WeightsSnapshot(int(state["meta"].get("policy_version", 0)), state), device)
 
     def load_weights(self, snapshot: WeightsSnapshot) -> None:
-        """Swap in the snapshot's weights in place (same architecture) and serve its version."""
+        """Swap in the snapshot's weights in place (same architecture) and serve its version.
+
+        Non-finite weights are refused (NonFiniteWeightsError) and the current ones kept.
+        """
+        snapshot.check_finite()
         self._load_network_weights({k: torch.as_tensor(np.asarray(v)) for k, v in snapshot.state["weights"].items()})
         self.meta.policy_version = int(snapshot.policy_version)
 
