@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import os
+
 import pyarrow as pa
 import pytest
 from banditroute.testkit.s3server import S3Server, s3_server, s3_storage_config  # noqa: F401  (fixtures)
@@ -225,3 +227,19 @@ def test_config_from_yaml_mapping_and_validation():
         with pytest.raises(ValueError) as info:
             from_dict(StorageConfig, bad)
         assert "storage." in str(info.value)
+
+
+def test_local_writes_fsync_the_folder_and_every_new_partition_folder(tmp_path, monkeypatch):
+    """A rename and a new dt=/hr= folder are only durable once their parent folder is fsynced."""
+    from banditroute.core import storage as storage_module
+
+    synced: list[str] = []
+    real = storage_module._fsync_dir
+    monkeypatch.setattr(storage_module, "_fsync_dir", lambda d: (synced.append(os.path.relpath(d, tmp_path)), real(d)))
+    store = open_storage(str(tmp_path / "root"))
+    store.write_bytes("events/dt=2026-11-29/hr=17/part-1.parquet", b"x")
+    # root, events, dt=, hr= were created: each parent fsynced once, then the folder holding the renamed file.
+    assert synced == [".", "root", "root/events", "root/events/dt=2026-11-29", "root/events/dt=2026-11-29/hr=17"]
+    synced.clear()
+    store.write_bytes("events/dt=2026-11-29/hr=17/part-2.parquet", b"y")
+    assert synced == ["root/events/dt=2026-11-29/hr=17"]  # existing folders: only the rename's

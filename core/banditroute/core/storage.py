@@ -57,7 +57,7 @@ _UNAVAILABLE_MARKERS = (
 )
 
 # Local writes go to a hidden temporary file first; list() never shows them.
-_TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"
 
 
 class StorageUnavailable(ConnectionError):
@@ -179,7 +179,7 @@ class Storage:
         """Store ``data`` under ``key``, replacing any previous object, atomically."""
         path = self.path_for(key)
         if self.is_local:
-            _atomic_local_write(path, bytes(data))
+            atomic_local_write(path, bytes(data))
             return
 
         def put() -> None:
@@ -214,7 +214,7 @@ class Storage:
         infos = self._call("list", prefix, lambda: self._fs.get_file_info(selector))
         keys = []
         for info in infos:
-            if info.type != pafs.FileType.File or info.base_name.startswith(_TMP_PREFIX):
+            if info.type != pafs.FileType.File or info.base_name.startswith(TMP_PREFIX):
                 continue
             keys.append(posixpath.relpath(info.path, self._root))
         return sorted(keys)
@@ -282,16 +282,39 @@ def _check_key(key: str, allow_empty: bool = False) -> str:
     return cleaned
 
 
-def _atomic_local_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path)
+def _fsync_dir(directory: str) -> None:
+    """Make ``directory``'s entries (a rename, a new child folder) survive power loss."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs_durably(directory: str) -> None:
+    """``os.makedirs``, then fsync the parent of every folder it created (new dt=/hr= partitions included)."""
+    missing = []
+    current = os.path.abspath(directory)
+    while not os.path.isdir(current):
+        missing.append(current)
+        current = os.path.dirname(current)
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+    for created in reversed(missing):
+        _fsync_dir(os.path.dirname(created))
+
+
+def atomic_local_write(path: str, data: bytes) -> None:
+    """Temp file beside ``path``, fsync, rename, fsync the folder: what is acknowledged after this survives power loss."""
+    directory = os.path.dirname(path)
+    _make_dirs_durably(directory)
+    tmp = os.path.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(directory)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from banditroute.feedback.log import part_time
-from banditroute.core.storage import _TMP_PREFIX, _atomic_local_write
+from banditroute.core.storage import TMP_PREFIX, atomic_local_write
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class LocalSpool:
         self.drained = 0
         self.full_rejections = 0
         for path in sorted(self.directory.rglob("*.parquet")):
-            if path.name.startswith(_TMP_PREFIX):
+            if path.name.startswith(TMP_PREFIX):
                 path.unlink(missing_ok=True)  # an interrupted write: never acknowledged
                 continue
             key = path.relative_to(self.directory).as_posix()
@@ -125,7 +125,7 @@ class LocalSpool:
                 self.full_rejections += 1
                 raise SpoolFull(waiting, self.max_rows)
             path = self._path(key)
-            _atomic_local_write(str(path), data)
+            atomic_local_write(str(path), data)
             _fsync_dir(path.parent)
             self._rows[key] = rows
             self.spooled += rows
