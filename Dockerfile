@@ -32,7 +32,7 @@ COPY --chown=ray:users . .
 # Keep the base image's torch (and ray) when present; `pip install .` then
 # sees its requirements met and leaves them alone.
 RUN python -c "import torch" 2>/dev/null \
-    || pip install "torch>=2.2" --index-url "${TORCH_INDEX_URL}"
+    || pip install "torch>=2.6" --index-url "${TORCH_INDEX_URL}"
 RUN pip install . \
     && python -c "import importlib.metadata as m, banditroute.cli, ray, torch; print('banditroute', m.version('banditroute'), 'ray', ray.__version__, 'torch', torch.__version__)"
 
