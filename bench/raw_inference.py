@@ -11,6 +11,9 @@ can run it on a GPU box). Three numbers per batch size:
   forward + the one copy): the accelerator's share.
 - tokenize_only: the host tokenizer alone, as route_batch calls it (long
   texts clipped to the token window first); tokenize_unclipped: without the clip.
+- ingress_rows / forward_from_rows: ``placement: replica`` split in two
+  (serve/tokens.py): an ingress replica tokenizing a group into token-id rows,
+  and the Router replica padding the rows and running the forward passes.
 
 ``--synthetic-tokens N`` adds forward_only on random token ids of length N
 (the "batch 256 x 128 tokens" reference setting).
@@ -126,9 +129,19 @@ def measure_raw(core, prompts: list[str], batch_size: int, duration_s: float, wa
         def tokenize_unclipped():
             encoder.tokenize(texts)
 
+        rows = core.tokenizer.rows(texts)
+
+        def ingress_rows():
+            core.tokenizer.rows(texts)  # placement replica: what an ingress replica does per group
+
+        def forward_from_rows():
+            core.decide_embedded(policy, core.embed_rows(rows, texts), host)  # ... and the Router replica then
+
         for _ in range(warmup):
             forward_only()
         out["forward_only"] = _summary(_run_for(forward_only, duration_s / 2), batch_size)
+        out["ingress_rows"] = _summary(_run_for(ingress_rows, min(5.0, duration_s / 4)), batch_size)
+        out["forward_from_rows"] = _summary(_run_for(forward_from_rows, duration_s / 2), batch_size)
         out["forward_only"]["tokens_per_prompt"] = int(tokens["input_ids"].shape[1])
         out["tokenize_only"] = _summary(_run_for(tokenize_only, min(5.0, duration_s / 4)), batch_size)
         out["tokenize_unclipped"] = _summary(_run_for(tokenize_unclipped, min(5.0, duration_s / 4)), batch_size)
@@ -200,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             line += f" | forward-only {point['forward_only']['prompts_per_s']:10.1f} ({point['forward_only']['tokens_per_prompt']} tok)"
             line += (f" | tokenize-only {point['tokenize_only']['prompts_per_s']:10.1f}"
                      f" (unclipped {point['tokenize_unclipped']['prompts_per_s']:.1f})")
+        if "forward_from_rows" in point:
+            line += (f" | ingress rows {point['ingress_rows']['prompts_per_s']:10.1f}"
+                     f" | forward from rows {point['forward_from_rows']['prompts_per_s']:10.1f}")
         if "forward_only_synthetic" in point:
             line += f" | synthetic {args.synthetic_tokens} tok {point['forward_only_synthetic']['prompts_per_s']:10.1f}"
         print(line, flush=True)

@@ -59,6 +59,7 @@ def test_serve_flags_are_app_config_overrides():
                                       "--replay", "--num-cpus", "3", "--set", "router.max_batch_size=8", "--set", "router.num_replicas=5"])
     app = load_app_config(args.config, overrides_from_flags(args), environ={})
     assert (app.router.policy, app.router.num_replicas, app.router.max_batch_size) == ("runs/p", 2, 8)
+    assert app.online.initial_policy == "runs/p"  # the loop's starting policy too (serve learns by default)
     assert app.router.replay.enabled and app.start.num_cpus == 3
     assert app.router.upstreams["gpt-4"].api_key_env == "OPENAI_API_KEY" and app.serve.router_autoscaling.max_replicas == 4
 

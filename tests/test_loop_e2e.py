@@ -176,3 +176,16 @@ def test_up_command_end_to_end(serve_instance, tmp_path):
     assert all(v == summary["policy_version_end"] for v in summary["replica_versions"].values())
     assert summary["reward_curve"][-1][0] == 200 and all(len(p) == 2 for p in summary["reward_curve"])
     assert (out / "learning_curve.png").stat().st_size > 1000
+
+    # Which version was served from which decision, and the gate's checks behind it.
+    promotions = summary["promotions"]
+    assert promotions and all(1 < d <= 200 for d, _ in promotions) and promotions[-1][1] <= summary["policy_version_end"]
+    assert [v for _, v in promotions] == sorted({v for _, v in promotions})
+    checks = summary["promotion"]["checks"]
+    assert checks and any(c["promote"] for c in checks) and all(0 <= c["decision"] <= 200 and c["reason"] for c in checks)
+    # The verdict against every single model on the same requests (the data's outcome table, the driver's w_cost draws).
+    assert len(summary["reward_by_quarter"]) == 4 and all(q is not None for q in summary["reward_by_quarter"])
+    assert sorted(summary["fixed_model_rewards"]) == sorted(make_routing_data(80, seed=5).models)
+    best = summary["best_fixed_model"]
+    assert best["reward"] == max(summary["fixed_model_rewards"].values())
+    assert summary["beats_best_fixed_model"] == (summary["reward_by_quarter"][-1] > best["reward_last_quarter"])

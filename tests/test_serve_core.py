@@ -244,24 +244,25 @@ def test_parse_batch_body():
 
 
 def test_router_config_yaml(tmp_path):
-    path = tmp_path / "serve.yaml"
+    path = tmp_path / "router.yaml"
     path.write_text(textwrap.dedent("""
-        serve:
-          policy: runs/p
-          num_replicas: 3
-          default_preference: {quality: 1, cost: 1}
-          upstreams:
-            gpt-4:
-              base_url: https://api.example.com/v1
-              api_key_env: EXAMPLE_KEY
-        train:
-          epochs: 3
+        policy: runs/p
+        num_replicas: 3
+        default_preference: {quality: 1, cost: 1}
+        upstreams:
+          gpt-4:
+            base_url: https://api.example.com/v1
+            api_key_env: EXAMPLE_KEY
     """))
     cfg = load_router_config(path, {"max_batch_size": "32"})
     assert cfg.num_replicas == 3 and cfg.max_batch_size == 32 and cfg.upstreams["gpt-4"].api_key_env == "EXAMPLE_KEY"
     assert cfg.default_mode == "explore" and cfg.resolved_num_gpus() in (0.0, 1.0)
     os.environ["EXAMPLE_KEY"] = "sekret"
     assert cfg.upstreams["gpt-4"].api_key() == "sekret"
+    # a project file's section is not router settings: the application config (cluster/config.py) reads it as `router:`
+    path.write_text("serve:\n  policy: runs/p\n")
+    with pytest.raises(ConfigError, match="unknown config key.*serve"):
+        load_router_config(path)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@
 - ``online``: ``start_online_loop``, the one wiring of the loop's actors and the routers' config.
 - ``app``: ``build_app`` (the Serve import path ``banditroute.cluster.app:build_app``), ``router_application``.
 - ``launch``: start modes (local / cluster Ray) and the generated Serve config.
-- ``up``: `banditroute up`'s local run (start, deploy, wait healthy, drive, settle, summary).
-- ``traffic``, ``progress_view``, ``plotting``, ``cold_start``: its replay driver, view, plot and starting policy.
+- ``runner``: start and stop the application from this process (`banditroute serve`, and the start/stop `up` shares).
+- ``up``: `banditroute up`'s local run: `serve`'s startup plus the replay driver, settle, summary.
+- ``traffic``, ``progress_view``, ``plotting``, ``summary``, ``cold_start``: its replay driver, view, plot,
+  verdict against fixed models and starting policy.
 """

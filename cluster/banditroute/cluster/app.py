@@ -7,6 +7,14 @@ parameter-server actors of the online loop (cluster/online.py). Its args are
 the application config (cluster/config.py: ``router``, ``storage``,
 ``online``, ``feedback``, ``learner``, ``prices``), parsed by the same loader
 as `banditroute serve` / `up` and the generated Serve config.
+
+``router.placement`` decides the deployments: ``replica`` is RouterIngress
+over a Router deployment; ``inline`` is RouterIngress alone, each replica
+deciding itself (``num_replicas`` of them, with the Router's resources);
+``auto`` is inline for a cheap encoder (hashing, static) off GPUs, read from
+the checkpoint or the parameter server's newest weights
+(``serving_encoder_name``). ``deployment_options`` gives each deployment's
+Serve options; the generated Serve config should take them from there too.
 """
 
 from __future__ import annotations
@@ -17,17 +25,19 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
+import ray
 from ray import serve
 
 from banditroute.cluster.config import AppConfig, app_config_from_args
 from banditroute.cluster.online import start_online_loop
 from banditroute.core.config import to_dict
 from banditroute.core.data import resolve_data_path
-from banditroute.feedback.service import FeedbackConfig
+from banditroute.feedback.config import FeedbackConfig
+from banditroute.policy.base import read_meta
+from banditroute.serve.config import RouterConfig, resolve_placement
 from banditroute.serve.ingress import RouterIngress
 from banditroute.serve.replay_upstream import ReplayUpstream
 from banditroute.serve.router import Router
-from banditroute.serve.config import RouterConfig
 
 logger = logging.getLogger(__name__)
 
@@ -93,24 +103,66 @@ def resolve_app(app: AppConfig) -> AppConfig:
     return app
 
 
+PARAMETER_SERVER_TIMEOUT_S = 10.0
+"""How long ``serving_encoder_name`` waits for the parameter server's newest weights."""
+
+
+def serving_encoder_name(router: RouterConfig) -> str | None:
+    """Name of the encoder the deciding replicas will run: the checkpoint's, else that of the parameter
+    server's newest weights; None when neither can tell (then ``placement: auto`` keeps the Router)."""
+    try:
+        if router.policy is not None:
+            return read_meta(router.policy)["encoder"]["name"]
+        if router.parameter_server_name is not None:
+            actor = ray.get_actor(router.parameter_server_name, namespace=router.parameter_server_namespace)
+            snap = ray.get(actor.latest.remote(), timeout=PARAMETER_SERVER_TIMEOUT_S)
+            return snap.state["meta"]["encoder"]["name"] if snap is not None else None
+    except Exception as exc:  # noqa: BLE001 - unreadable here: the replicas report it; auto stays safe
+        logger.warning("placement auto: cannot tell the serving encoder (%s: %s); keeping the Router deployment",
+                       type(exc).__name__, exc)
+    return None
+
+
+def placement_of(router: RouterConfig) -> str:
+    """'inline' or 'replica': ``router.placement``, with 'auto' decided from the encoder and the device."""
+    encoder = serving_encoder_name(router) if router.placement == "auto" else None
+    return resolve_placement(router.placement, encoder, router.decides_on_gpu())
+
+
+def deployment_options(router: RouterConfig, placement: str) -> dict[str, dict[str, Any]]:
+    """Serve options of each deployment of ``placement`` ('inline' or 'replica'), by deployment name.
+
+    The deciding replicas (Router, or the inline ingress) get ``num_replicas``,
+    ``num_cpus``/``num_gpus`` and the live batching knobs (``user_config``);
+    an ingress in front of Router replicas gets ``ingress_*``.
+    """
+    deciding = {
+        "num_replicas": router.num_replicas,
+        "ray_actor_options": {"num_cpus": router.num_cpus, "num_gpus": router.resolved_num_gpus()},
+        "user_config": {"max_batch_size": router.max_batch_size, "batch_wait_timeout_s": router.batch_wait_timeout_s},
+    }
+    if placement == "inline":
+        return {RouterIngress.name: dict(deciding, max_ongoing_requests=router.ingress_max_ongoing_requests)}
+    return {
+        RouterIngress.name: {"num_replicas": router.ingress_replicas, "max_ongoing_requests": router.ingress_max_ongoing_requests,
+                             "ray_actor_options": {"num_cpus": router.ingress_num_cpus}},
+        Router.name: dict(deciding, max_ongoing_requests=router.max_ongoing_requests),
+    }
+
+
 def router_application(router: RouterConfig) -> serve.Application:
-    """The Serve deployments of one router config: RouterIngress over N Router replicas (+ the replay upstream)."""
+    """The Serve deployments of one router config: RouterIngress, over N Router replicas unless the
+    placement is inline (+ the replay upstream)."""
     conf = to_dict(router)
     conf["num_gpus"] = router.resolved_num_gpus()
-    replicas = Router.options(
-        num_replicas=router.num_replicas,
-        max_ongoing_requests=router.max_ongoing_requests,
-        ray_actor_options={"num_cpus": router.num_cpus, "num_gpus": conf["num_gpus"]},
-        user_config={"max_batch_size": router.max_batch_size, "batch_wait_timeout_s": router.batch_wait_timeout_s},
-    ).bind(conf)
+    placement = placement_of(router)
+    options = deployment_options(router, placement)
+    logger.info("placement %s (router.placement %s): deployments %s", placement, router.placement, sorted(options))
+    replicas = Router.options(**options[Router.name]).bind(conf) if placement == "replica" else None
     replay = None
     if router.replay.enabled:
         replay = ReplayUpstream.options(ray_actor_options={"num_cpus": min(0.1, router.ingress_num_cpus) or 0.1}).bind(conf)
-    return RouterIngress.options(
-        num_replicas=router.ingress_replicas,
-        max_ongoing_requests=router.ingress_max_ongoing_requests,
-        ray_actor_options={"num_cpus": router.ingress_num_cpus},
-    ).bind(replicas, replay, conf)
+    return RouterIngress.options(**options[RouterIngress.name]).bind(replicas, replay, conf)
 
 
 def build_app(args: Mapping[str, Any] | AppConfig | None = None) -> serve.Application:

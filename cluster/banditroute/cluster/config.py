@@ -8,7 +8,7 @@ sections; each key has one meaning wherever it is read::
     start:    how to reach Ray: embedded local Ray, or an existing cluster
     router:   the Serve application (serve.config.RouterConfig; upstreams live here)
     serve:    Serve deployment knobs not in RouterConfig: autoscaling, proxy, env vars
-    feedback: the feedback actor (feedback.service.FeedbackConfig)
+    feedback: the feedback actor (feedback.config.FeedbackConfig)
     learner:  the online learner (learner.config.LearnerConfig)
     storage:  checkpoints, event log, registry (core.storage.StorageConfig)
     online:   the loop's actors started with the application (OnlineConfig)
@@ -41,7 +41,7 @@ from banditroute.cluster.cold_start import ColdStartConfig
 from banditroute.core.config import ConfigError, OverrideText, from_dict, set_dotted
 from banditroute.core.names import DEFAULT_PREFIX, ActorNames
 from banditroute.core.storage import StorageConfig
-from banditroute.feedback.service import FeedbackConfig
+from banditroute.feedback.config import FeedbackConfig
 from banditroute.learner.config import LearnerConfig
 from banditroute.serve.config import RouterConfig
 

@@ -62,6 +62,8 @@ class OnlineLoop:
     """The three actor names (namespace core.names.NAMESPACE)."""
     learner_status: dict[str, Any]
     """The learner's status once it answered (``start_version``, ``policy_version``, ...)."""
+    started_from: str = "storage"
+    """Where the learner's weights came from: 'storage' (its newest checkpoint), 'initial_state', or the seed checkpoint."""
 
     @property
     def handles(self) -> dict[str, Any]:
@@ -107,14 +109,18 @@ def start_online_loop(app: AppConfig, initial_state: dict[str, Any] | None = Non
     learner_cfg = copy.deepcopy(app.learner)
     learner_cfg.promotion.exploration_floor = router.exploration_floor
     learner_cfg.promotion.exploration_ceiling = router.exploration_ceiling
-    if initial_state is None and not has_checkpoint(storage, learner_cfg):
+    resumed = has_checkpoint(storage, learner_cfg)
+    started_from = "storage" if resumed else "initial_state"
+    if initial_state is None and not resumed:
         seed = online.initial_policy or router.policy
         if seed is None:
             raise ValueError(
                 f"online.initial_policy: storage {storage.uri} holds no checkpoint yet; give the BaRP checkpoint "
-                f"to start from (a folder in the image or a storage URI; `banditroute train` makes one)"
+                f"to start from (a folder in the image or a storage URI; `banditroute train` makes one; "
+                f"`banditroute serve --policy CKPT` sets it)"
             )
         initial_state = initial_policy_state(seed, storage)
+        started_from = seed
 
     names = online.names
     ps = get_or_create_parameter_server(names.parameter_server, NAMESPACE, storage, learner_cfg.checkpoint_prefix)
@@ -125,4 +131,4 @@ def start_online_loop(app: AppConfig, initial_state: dict[str, Any] | None = Non
                                             num_cpus=online.feedback_num_cpus)
     ray.get(feedback.ping.remote())
     logger.info("online loop ready (learner at v%s); routers use %s", status["policy_version"], names.as_dict())
-    return OnlineLoop(wire_router(router, names), ps, learner, feedback, names, status)
+    return OnlineLoop(wire_router(router, names), ps, learner, feedback, names, status, started_from)

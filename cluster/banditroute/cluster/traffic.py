@@ -4,7 +4,9 @@ It sends prompts from the routing data with random preferences (w_cost ~
 U[0, 1]) to ``/v1/route`` in explore mode, then posts the LOGGED outcome of
 the model the router chose (its score and cost in the data) to
 ``/v1/feedback``. The running reward uses the starting policy's tau
-throughout, so the curve is comparable from start to end.
+throughout, so the curve is comparable from start to end; each decision's
+request (data row, w_cost) is kept, so every single model can be scored on
+the same requests (cluster/summary.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ class TrafficState:
         self.rewards: list[float] = []
         self.chosen: list[int] = []
         self.versions: list[int] = []
+        """Per decision: the policy version that answered it."""
+        self.rows: list[int] = []
+        """Per decision: the data row (prompt) it routed, so fixed models can be scored on the same requests."""
+        self.w_costs: list[float] = []
+        """Per decision: the w_cost preference it was sent with."""
+        self.times: list[float] = []
+        """Per decision: wall-clock time it was answered (places the learner's gate checks on the decision axis)."""
         self.reward_curve: list[list[float]] = []
         self.route_ms: list[float] = []
         self.feedback_ms: list[float] = []
@@ -40,7 +49,7 @@ class TrafficState:
         self._recent_sum = 0.0
         self.started = time.monotonic()
 
-    def record(self, reward: float, model_index: int, version: int) -> None:
+    def record(self, reward: float, model_index: int, version: int, row: int, w_cost: float) -> None:
         if len(self._recent) == self._recent.maxlen:
             self._recent_sum -= self._recent[0]
         self._recent.append(reward)
@@ -49,6 +58,9 @@ class TrafficState:
         self.rewards.append(reward)
         self.chosen.append(model_index)
         self.versions.append(version)
+        self.rows.append(row)
+        self.w_costs.append(w_cost)
+        self.times.append(time.time())
 
     @property
     def running_reward(self) -> float:
@@ -126,7 +138,7 @@ async def drive_traffic(
                 state.route_ms.append((time.perf_counter() - t0) * 1000.0)
                 k = data_index[decision["model"]]
                 score, cost = float(scores[row, k]), float(costs[row, k])
-                state.record(float(reward(score, cost, w, tau)), k, int(decision.get("policy_version", -1)))
+                state.record(float(reward(score, cost, w, tau)), k, int(decision.get("policy_version", -1)), row, w)
                 if state.decisions % curve_every == 0:
                     state.curve_point()
                 t0 = time.perf_counter()

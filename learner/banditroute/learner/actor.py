@@ -54,7 +54,8 @@ from banditroute.learner.checkpoint import (
     save_checkpoint,
     write_promotion_state,
 )
-from banditroute.learner.learner import LearnerConfig, OnlineLearner, mint_version
+from banditroute.learner.config import LearnerConfig
+from banditroute.learner.learner import OnlineLearner, mint_version
 from banditroute.core.names import NAMESPACE, PARAMETER_SERVER_NAME
 from banditroute.learner.promotion import HoldoutBuffer, evaluate_candidate, split_holdout
 from banditroute.policy.barp import BarpPolicy
@@ -238,7 +239,9 @@ class LearnerActor:
 
     def _run_gate(self) -> dict[str, Any]:
         decision = evaluate_candidate(self.holdout.table(), self.learner.policy, self.serving, self.gate)
-        record = {"action": "gate", **decision.as_dict()}
+        # The evidence the check had, so a run can place it on its decision axis (`banditroute up`'s plot).
+        record = {"action": "gate", **decision.as_dict(), "updates": self.learner.updates,
+                  "events_received": self._events_received()}
         if decision.promote:
             self.serving = _clone(self.learner.policy)
             self.serving_source = None
@@ -387,6 +390,9 @@ class LearnerActor:
 
     # --- status -------------------------------------------------------------------
 
+    def _events_received(self) -> int:
+        return self.learner.events_trained + self.events_held_out + sum(self.learner.skipped.values())
+
     def status(self) -> dict[str, Any]:
         last_gate = next((r for r in reversed(self.gate_history) if r.get("action") == "gate"), None)
         return {
@@ -400,7 +406,7 @@ class LearnerActor:
             "updates": self.learner.updates,
             "events_trained": self.learner.events_trained,
             "events_held_out": self.events_held_out,
-            "events_received": self.learner.events_trained + self.events_held_out + sum(self.learner.skipped.values()),
+            "events_received": self._events_received(),
             "trained_through": self.learner.trained_through,
             "skipped": dict(self.learner.skipped),
             "last_metrics": self.last_metrics,

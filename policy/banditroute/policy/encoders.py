@@ -30,10 +30,13 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
+
+if TYPE_CHECKING:  # torch is imported where it runs: the hashing encoder works without it
+    import torch
 import pyarrow.parquet as pq
 
 from banditroute.policy.static_model import (

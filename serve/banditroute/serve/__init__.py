@@ -1,14 +1,20 @@
 """Serving: Ray Serve router replicas with batched inference, the HTTP API and the replay upstream.
 
 The application (built by ``banditroute.cluster.app:build_app``) is
-``RouterIngress`` (HTTP) -> ``Router`` (batched inference), plus
-``ReplayUpstream`` when replay is enabled; those deployment names are a
-contract (k8s manifests, serveConfigV2).
+``RouterIngress`` (HTTP), deciding either itself (``placement: inline``, one
+hop per route: cheap encoders) or through a ``Router`` deployment
+(``placement: replica``: heavy encoders on GPUs), plus ``ReplayUpstream``
+when replay is enabled; those deployment names are a contract (k8s
+manifests, serveConfigV2).
 
 Modules that import Ray:
 
-- ``router``: the ``Router`` deployment (RouterCore per replica, ``@serve.batch``,
-  decisions logged before answering, weights long-polled from the parameter server).
+- ``service``: ``RouterService``, what a deciding replica runs around its RouterCore
+  (``@serve.batch``, decisions logged before answering, weights long-polled from the
+  parameter server, metrics, info), hosted by either placement.
+- ``router``: the ``Router`` deployment (a RouterService per replica).
+- ``decider``: the ``Decider`` interface of the ingress; ``RouterHandle`` (the Router
+  deployment seen from an ingress: requests gathered per call, token ids sent).
 - ``ingress``: the ``RouterIngress`` deployment: FastAPI routes, the one endpoint
   wrapper (API key check, error responses, metrics), body limits, decision tokens,
   and the Python API for DeploymentHandle callers.
@@ -21,10 +27,11 @@ Modules that import Ray:
 Modules importable without Ray (the raw benchmark runs on a machine with only
 torch and transformers):
 
-- ``config``: ``RouterConfig`` (+ ``UpstreamConfig``, ``ReplayConfig``).
+- ``config``: ``RouterConfig`` (+ ``UpstreamConfig``, ``ReplayConfig``), ``resolve_placement``.
 - ``core``: ``RouterCore``, the batched encoder + policy inference.
-- ``protocol``: request parsing/validation shared by HTTP and the Python API, and
-  the one error type / error envelope (``RequestError``, ``error_body``).
+- ``tokens``: ``PromptTokenizer``, the encoder's tokenizer alone (token-id rows an ingress sends).
+- ``protocol``: ``RouteRequest``, request parsing/validation shared by HTTP and the Python API,
+  and the one error type / error envelope (``RequestError``, ``error_body``).
 - ``feedback_endpoint``: ``/v1/feedback`` validation and the feedback actor's answers as HTTP.
 - ``decision_sinks``: ``DECISION_SINKS`` registry and the durable local log;
   ``feedback_sink``: the "feedback-actor" sink.

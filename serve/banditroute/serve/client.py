@@ -11,9 +11,9 @@ sent. Alternatively, ``serve.get_app_handle(app_name).handle_route.remote(body)`
 calls the ingress with a raw /v1/route body.
 
 Requests are validated here, then decided through the INGRESS
-(``RouterIngress.route_requests``), which forwards them to the batched Router
-and replaces each raw decision id with the signed decision token, exactly as
-over HTTP: the ids this client returns are the ones /v1/feedback accepts, and
+(``RouterIngress.route_requests``), which decides them (itself, or through
+the batched Router: ``placement``) and replaces each raw decision id with the
+signed decision token, exactly as over HTTP: the ids this client returns are the ones /v1/feedback accepts, and
 the signing secret never has to be in the caller's process.
 """
 
@@ -28,20 +28,19 @@ from banditroute.serve.protocol import parse_batch_body, parse_route_body, route
 
 
 class RouterClient:
-    """Routes through the ``Router`` deployment of a running banditroute application."""
+    """Routes through the ingress of a running banditroute application (either placement)."""
 
     def __init__(self, app_name: str = "banditroute", info_ttl_s: float = 10.0):
         self.app_name = app_name
-        self.handle = serve.get_deployment_handle("Router", app_name=app_name)  # info (pool, defaults)
-        self.ingress = serve.get_app_handle(app_name)  # decisions, signed like HTTP answers
+        self.ingress = serve.get_app_handle(app_name)  # pool and defaults; decisions, signed like HTTP answers
         self._info: dict[str, Any] | None = None
         self._info_at = 0.0
         self._ttl = info_ttl_s
 
     async def info(self) -> dict[str, Any]:
-        """Pool, defaults and served version, from one Router replica (cached ``info_ttl_s``)."""
+        """Pool, defaults and served version, from one deciding replica (cached ``info_ttl_s``)."""
         if self._info is None or time.monotonic() - self._info_at > self._ttl:
-            self._info, self._info_at = await self.handle.info.remote(), time.monotonic()
+            self._info, self._info_at = await self.ingress.router_info.remote(), time.monotonic()
         return self._info
 
     def _body(self, prompt, messages, preference, candidates, mode) -> dict[str, Any]:
@@ -72,7 +71,7 @@ class RouterClient:
     async def route_batch(self, prompts: list[str] | None = None, *, requests: list[dict] | None = None,
                           preference: dict | None = None, candidates: list[str] | None = None,
                           mode: str | None = None, max_batch_requests: int = 100_000) -> list[dict[str, Any]]:
-        """Bulk routing in one call (decided in chunks of the Router's max_batch_size)."""
+        """Bulk routing in one call (decided in chunks of max_batch_size)."""
         info = await self.info()
         body: dict[str, Any] = {"prompts": prompts} if prompts is not None else {"requests": requests}
         body.update({k: v for k, v in (("preference", preference), ("candidates", candidates), ("mode", mode)) if v is not None})
@@ -87,6 +86,6 @@ class RouterClient:
                    candidates: list[str] | None = None, mode: str | None = None) -> dict[str, Any]:
         """Blocking variant, for code outside an event loop (a Ray task, a script)."""
         if self._info is None or time.monotonic() - self._info_at > self._ttl:
-            self._info, self._info_at = self.handle.info.remote().result(), time.monotonic()
+            self._info, self._info_at = self.ingress.router_info.remote().result(), time.monotonic()
         req = self._request(self._info, self._body(prompt, messages, preference, candidates, mode))
         return self._answer(self.ingress.route_requests.remote([req]).result()[0])

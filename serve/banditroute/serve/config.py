@@ -1,21 +1,18 @@
 """Typed configuration of the serving side (`banditroute serve`, `build_app`).
 
-Load it with ``banditroute.core.config.load_config(RouterConfig, path, overrides)``
-or ``load_router_config`` below, which also accepts a combined project YAML
-whose router settings live under a ``serve:`` section. Secrets never go in
-the YAML: an upstream names the ENVIRONMENT VARIABLE that holds its API key.
+``RouterConfig`` is the ``router:`` section of the application config
+(cluster/config.py ``AppConfig``); ``load_router_config`` loads one from a
+YAML file holding just these keys. Secrets never go in the YAML: an upstream
+names the ENVIRONMENT VARIABLE that holds its API key.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from banditroute.core.config import ConfigError, OverrideText, from_dict, load_config, set_dotted
+from banditroute.core.config import from_dict, load_config
 from banditroute.core.security import SecurityConfig
 from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR, check_bounds
 from banditroute.policy.reward import PreferenceError, preference_to_w_cost
@@ -23,6 +20,24 @@ from banditroute.serve.decision_sinks import DECISION_SINKS
 
 ROUTE_MODES = ("explore", "greedy")
 """Decision modes: sample from the policy (propensity logged) or take its argmax."""
+PLACEMENTS = ("inline", "replica", "auto")
+"""Where decisions are made: in the ingress replicas, in a Router deployment behind them, or chosen (resolve_placement)."""
+CHEAP_ENCODERS = ("hashing", "static")
+"""Encoders whose decision costs less than a second hop: ``placement: auto`` decides inline with them (off GPUs)."""
+
+
+def resolve_placement(placement: str, encoder_name: str | None, on_gpu: bool) -> str:
+    """'inline' or 'replica' for ``placement``: 'auto' is inline for a cheap encoder on CPU, else replica.
+
+    A GPU, or an encoder with a real forward pass (MiniLM) or not known yet,
+    keeps the Router deployment: its replicas batch the forward passes (the
+    ingress then tokenizes) and scale apart from the HTTP front.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+    if placement != "auto":
+        return placement
+    return "inline" if encoder_name in CHEAP_ENCODERS and not on_gpu else "replica"
 
 
 @dataclass
@@ -103,30 +118,38 @@ class RouterConfig:
     """Port of Serve's HTTP proxy (`banditroute serve`; also used to reach the replay server through it)."""
     router_model_name: str = "banditroute"
     """Model name clients send (OpenAI API) to be routed; any pool model name is passed through unrouted."""
+    placement: str = "replica"
+    """Where decisions are made: 'inline' (each ingress replica decides itself: one hop per route, no Router
+    deployment; num_replicas ingress replicas with num_cpus/num_gpus each), 'replica' (ingress -> Router
+    deployment; the ingress tokenizes for encoders with a tokenizer) or 'auto' (inline for a hashing/static
+    encoder on CPU, else replica; decided where the app is built)."""
     num_replicas: int = 1
-    """Router replicas (batched inference)."""
+    """Replicas that decide (batched inference): Router replicas, or with placement inline the ingress replicas."""
     ingress_replicas: int = 1
-    """HTTP ingress replicas (parsing, upstream proxying)."""
+    """HTTP ingress replicas in front of the Router replicas (placement replica; inline: num_replicas decide and serve HTTP)."""
     max_batch_size: int = 64
-    """Most requests one Router replica encodes in one forward pass."""
+    """Most requests one deciding replica encodes in one forward pass."""
     batch_wait_timeout_s: float = 0.002
-    """How long a replica waits to fill a batch once the first request is queued."""
+    """How long a deciding replica waits to fill a batch once the first request is queued (0 = take what is queued)."""
     max_ongoing_requests: int = 512
     """Requests one Router replica accepts at once (>= max_batch_size; the rest queue in the caller)."""
     ingress_max_ongoing_requests: int = 1024
-    """Requests one ingress replica accepts at once."""
+    """Requests one ingress replica accepts at once (inline: >= max_batch_size)."""
+    tokenize_in_ingress: bool = True
+    """Placement replica, encoders with a tokenizer (MiniLM): ingress replicas send token ids, not text, so the
+    Router replica (a GPU) only runs forward passes; False sends text."""
     device: str = "auto"
     """Torch device of the encoder and policy: 'auto' (CUDA when the replica sees one), 'cpu', 'cuda[:N]'."""
     num_cpus: float = 1.0
-    """Logical CPUs reserved per Router replica."""
+    """Logical CPUs reserved per deciding replica (Router, or inline ingress)."""
     num_gpus: float | str = "auto"
-    """GPUs per Router replica; 'auto' = 1 when the process building the app sees CUDA, else 0."""
+    """GPUs per deciding replica; 'auto' = 1 when the process building the app sees CUDA, else 0."""
     ingress_num_cpus: float = 0.5
-    """Logical CPUs reserved per ingress replica."""
+    """Logical CPUs reserved per ingress replica in front of Router replicas (placement replica)."""
     torch_threads: int = 0
-    """torch.set_num_threads in each Router replica; 0 = max(1, round(num_cpus)) on CPU, untouched on GPU."""
+    """torch.set_num_threads in each deciding replica; 0 = max(1, round(num_cpus)) on CPU, untouched on GPU."""
     tokenizers_parallelism: bool | None = None
-    """Rust tokenizer threads in Router replicas; None = on for CUDA replicas (the host tokenizer bounds them), off on CPU."""
+    """Rust tokenizer threads in deciding replicas; None = on for CUDA replicas (the host tokenizer bounds them), off on CPU."""
     seed: int | None = None
     """Seed of the exploration sampler (tests); None = fresh randomness per replica."""
     exploration_floor: float = DEFAULT_EXPLORATION_FLOOR
@@ -183,6 +206,10 @@ class RouterConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= max_batch_size")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {self.placement!r}")
+        if self.placement == "inline" and self.ingress_max_ongoing_requests < self.max_batch_size:
+            raise ValueError("ingress_max_ongoing_requests must be >= max_batch_size when placement is inline")
         if self.batch_wait_timeout_s < 0:
             raise ValueError("batch_wait_timeout_s must be >= 0")
         if self.num_cpus < 0 or self.ingress_num_cpus < 0:
@@ -223,19 +250,14 @@ class RouterConfig:
                 return 0.0
         return float(self.num_gpus)
 
+    def decides_on_gpu(self) -> bool:
+        """Whether the deciding replicas run on a GPU, as the process building the app sees it."""
+        return self.device.startswith("cuda") if self.device != "auto" else self.resolved_num_gpus() > 0
+
 
 def load_router_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> RouterConfig:
-    """RouterConfig from a YAML file (whole file, or its ``serve:`` section) plus dotted overrides."""
-    if path is None:
-        return load_config(RouterConfig, None, overrides)
-    loaded = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    section = loaded.get("serve") if isinstance(loaded.get("serve"), dict) else loaded
-    data = dict(section)
-    for key, value in (overrides or {}).items():
-        set_dotted(data, key, OverrideText(value) if isinstance(value, str) else value)
-    return from_dict(RouterConfig, data)
+    """RouterConfig from a YAML file of its keys (the ``router:`` section's), plus dotted overrides."""
+    return load_config(RouterConfig, path, overrides)
 
 
 def as_router_config(config: Mapping[str, Any] | RouterConfig) -> RouterConfig:

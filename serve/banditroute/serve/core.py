@@ -5,6 +5,8 @@ benchmark drives it directly. Per batch it does exactly:
 
 1. ONE tokenizer call (host; pinned memory when the encoder is on CUDA) on
    texts clipped to what the encoder's token window can see (``tokenize``),
+   or none when the rows came tokenized (``RouteRequest.tokens``: an ingress
+   ran the same tokenizer, serve/tokens.py; the rows are only padded here),
 2. ONE encoder forward (fp16 on GPU) that leaves the embeddings on the device,
 3. ONE host->device copy of the per-row inputs (w_cost, explore flag, candidate mask),
 4. ONE policy forward, then ``policy.decide.decide``: explore rows are
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -48,28 +49,8 @@ from banditroute.policy.checkpoint import load_policy, policy_from_snapshot, pol
 from banditroute.policy.decide import decide
 from banditroute.policy.encoders import EncoderConfig, make_encoder, resolve_device
 from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR, ExplorationBounds
-
-ROUTE_MODES = ("explore", "greedy")
-CLIP_CHARS_PER_TOKEN = 6
-"""Texts longer than max_tokens * this are clipped before tokenizing (BERT WordPiece: ~4.2 chars/token on RouterBench, p99 4.4)."""
-_WHITESPACE = re.compile(r"\s")
-
-
-@dataclass
-class RouteRequest:
-    """One routing question: what to embed, the preference, the allowed models, the mode."""
-
-    text: str
-    """Text to embed (the prompt, or the chat messages' contents joined)."""
-    w_cost: float
-    """Preference on the simplex (weight of cost)."""
-    candidates: list[str] | None = None
-    """Allowed models (None = the whole pool)."""
-    mode: str = "explore"
-    """'explore' (sample, propensity logged) or 'greedy' (argmax, propensity 1)."""
-    log: bool = True
-    """Serving only: log the decision when it is made (False: the caller logs it later, e.g. with the upstream cost)."""
-
+from banditroute.serve.protocol import RequestError, RouteRequest, parse_candidates, parse_mode
+from banditroute.serve.tokens import PromptTokenizer, TokenRow, has_tokenizer
 
 @dataclass
 class RouteResult:
@@ -205,9 +186,8 @@ class RouterCore:
         if seed is not None:
             self._generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self._pin = self.device.type == "cuda"
-        self._has_tokens = hasattr(encoder, "tokenize") and hasattr(encoder, "embed_tokens")
-        self.clip_fallbacks = 0
-        """Batches re-tokenized unclipped because a clipped row did not fill the token window."""
+        self.tokenizer = PromptTokenizer(encoder) if has_tokenizer(encoder) else None
+        """The encoder's tokenizer (serve/tokens.py); None for encoders that take text (hashing, static)."""
 
     # --- construction ------------------------------------------------------
 
@@ -321,43 +301,35 @@ class RouterCore:
 
     # --- inference -------------------------------------------------------------
 
-    def tokenize(self, texts: Sequence[str]):
-        """The encoder's tokenizer on ``texts``, with long texts clipped first (same token ids).
+    @property
+    def clip_fallbacks(self) -> int:
+        """Batches re-tokenized unclipped (``PromptTokenizer.tokenize``)."""
+        return self.tokenizer.clip_fallbacks if self.tokenizer is not None else 0
 
-        The encoder keeps the last ``max_tokens`` tokens (left truncation), but a
-        tokenizer call still pays for the whole text, and on a GPU replica the
-        host tokenizer, not the GPU, bounds throughput. So a text longer than
-        ``max_tokens * CLIP_CHARS_PER_TOKEN`` characters is cut to its tail,
-        starting at a whitespace (a word boundary for BERT-style tokenizers, so
-        the tail's tokens are exactly the full text's last tokens). If a
-        clipped row does not fill the token window (a tail of unusually long
-        tokens), the whole batch is re-tokenized unclipped: exact ids first.
-        """
-        max_tokens = getattr(self.encoder, "max_tokens", None)
-        tokenizer = getattr(self.encoder, "tokenizer", None)
-        if not max_tokens or getattr(tokenizer, "truncation_side", "right") != "left":
-            return self.encoder.tokenize(texts)
-        limit = int(max_tokens) * CLIP_CHARS_PER_TOKEN
-        clipped, rows = list(texts), []
-        for i, text in enumerate(texts):
-            if len(text) > limit:
-                tail = text[-limit:]
-                match = _WHITESPACE.search(tail)
-                if match is not None and match.end() < len(tail) // 2:
-                    clipped[i] = tail[match.end():]
-                    rows.append(i)
-        batch = self.encoder.tokenize(clipped)
-        if rows and bool((batch["attention_mask"][rows].sum(dim=1) < max_tokens).any()):
-            self.clip_fallbacks += 1
-            batch = self.encoder.tokenize(list(texts))
-        return batch
+    def tokenize(self, texts: Sequence[str]):
+        """One tokenizer call on ``texts`` (long texts clipped first, same ids: ``PromptTokenizer.tokenize``)."""
+        if self.tokenizer is None:
+            raise TypeError(f"encoder {self.encoder_id!r} takes text, not tokens")
+        return self.tokenizer.tokenize(texts)
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, d) float32 embeddings on the device: one tokenizer call, one forward."""
-        if self._has_tokens:
+        if self.tokenizer is not None:
             return self.encoder.embed_tokens(self.tokenize(texts))
         vecs = torch.from_numpy(np.ascontiguousarray(self.encoder.encode(list(texts)), dtype=np.float32))
         return vecs.to(self.device)
+
+    def embed_rows(self, rows: Sequence[TokenRow | None], texts: Sequence[str | None]) -> torch.Tensor:
+        """(B, d) embeddings of rows already tokenized (an ingress did it), the others tokenized here in one
+        call (``texts[i]`` where ``rows[i]`` is None); one forward for all."""
+        if self.tokenizer is None:
+            raise ValueError(f"encoder {self.encoder_id!r} takes text, not tokens")
+        rows = list(rows)
+        missing = [i for i, row in enumerate(rows) if row is None]
+        if missing:
+            for i, row in zip(missing, self.tokenizer.rows([texts[i] for i in missing])):
+                rows[i] = row
+        return self.encoder.embed_tokens(self.tokenizer.collate(rows, pin=self._pin))
 
     def route_batch(self, items: Sequence[Any]) -> list[RouteResult]:
         """Decide a batch: items are RouteRequest or (text, w_cost, candidates|None, mode) tuples.
@@ -376,35 +348,32 @@ class RouterCore:
         host = np.zeros((len(reqs), 2 + n_models), dtype=np.float32)  # [w_cost, explore, mask...]
         valid: list[int] = []
         cand_lists: list[list[str]] = []
+        modes: list[str] = []
         for i, req in enumerate(reqs):
-            err = None
-            if req.mode not in ROUTE_MODES:
-                err = {"status": 422, "field": "mode", "message": f"mode must be one of {list(ROUTE_MODES)}, got {req.mode!r}"}
-            elif req.candidates is not None and len(req.candidates) == 0:
-                err = {"status": 422, "field": "candidates", "message": "candidates must not be empty"}
-            elif req.candidates is not None and any(c not in index for c in req.candidates):
-                bad = next(c for c in req.candidates if c not in index)
-                err = {"status": 422, "field": "candidates", "message": f"candidates: unknown model {bad!r}; known: {list(models)}"}
-            elif not isinstance(req.text, str) or not req.text:
-                err = {"status": 422, "field": "prompt", "message": "prompt must be a non-empty string"}
-            if err is not None:
-                results[i] = RouteResult(error=err)
+            try:  # the same checks as the HTTP parser: the pool may have changed since the request was parsed
+                mode = parse_mode(req.mode, "explore")
+                cands = parse_candidates(req.candidates, models)
+                if req.tokens is None and (not isinstance(req.text, str) or not req.text):
+                    raise RequestError(422, "prompt", "prompt must be a non-empty string")
+                if req.tokens is not None and self.tokenizer is None:
+                    raise RequestError(422, "prompt", f"encoder {self.encoder_id!r} takes text, not token ids")
+            except RequestError as exc:
+                results[i] = RouteResult(error=exc.to_router())
                 continue
             host[i, 0] = req.w_cost
-            host[i, 1] = 1.0 if req.mode == "explore" else 0.0
-            if req.candidates is None:
+            host[i, 1] = 1.0 if mode == "explore" else 0.0
+            if cands is None:
                 host[i, 2:] = 1.0
                 cand_lists.append(list(models))
             else:
-                cands = list(dict.fromkeys(req.candidates))
                 host[i, [2 + index[c] for c in cands]] = 1.0
                 cand_lists.append(cands)
+            modes.append(mode)
             valid.append(i)
         if not valid:
             return results  # type: ignore[return-value]
 
-        texts = [reqs[i].text for i in valid]
-        out = self._forward(policy, texts, host[valid] if len(valid) != len(reqs) else host)
+        out = self._forward(policy, [reqs[i] for i in valid], host[valid] if len(valid) != len(reqs) else host)
         dim = out.shape[1] - 2 - n_models
         version = policy.policy_version
         for row, i in enumerate(valid):
@@ -421,18 +390,22 @@ class RouterCore:
                     chosen_model=models[int(out[row, 0])],
                     probability=float(out[row, 1]),
                     policy_version=version,
-                    mode=req.mode,
+                    mode=modes[row],
                     candidate_probabilities=[float(probs[index[m]]) for m in cands],
                     encoder_id=self.encoder_id,
-                    prompt_sha256=prompt_sha256(req.text),
+                    prompt_sha256=req.prompt_sha256 or prompt_sha256(req.text),
                 )
             )
         return results  # type: ignore[return-value]
 
-    def _forward(self, policy: RoutingPolicy, texts: list[str], host: np.ndarray) -> np.ndarray:
+    def _forward(self, policy: RoutingPolicy, reqs: list[RouteRequest], host: np.ndarray) -> np.ndarray:
         """One encoder forward + one policy forward; returns (B, 2 + K + d) on the host."""
         with torch.inference_mode():
-            return self.decide_embedded(policy, self.embed(texts), host)
+            if any(req.tokens is not None for req in reqs):
+                emb = self.embed_rows([req.tokens for req in reqs], [req.text for req in reqs])
+            else:
+                emb = self.embed([req.text for req in reqs])
+            return self.decide_embedded(policy, emb, host)
 
     def decide_embedded(self, policy: RoutingPolicy, emb: torch.Tensor, host: np.ndarray) -> np.ndarray:
         """Policy forward on device embeddings ``emb`` (B, d) with per-row inputs ``host``

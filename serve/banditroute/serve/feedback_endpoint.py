@@ -24,6 +24,9 @@ error is a ``protocol.RequestError`` / ``protocol.error_body`` envelope
        (malformed), or its signature does not match (tampered / another secret)
 404    ``decision_id``: authentic token, but the feedback actor does not know the
        decision (never logged, or forgotten after the window + remember_s)
+405    the router is frozen: its decisions go to a sink other than the feedback
+       actor (``decision_sink`` is not ``feedback-actor``), so no reward can be
+       joined; ``field`` null, ``Allow`` empty. Nothing is recorded
 409    ``{"status": "duplicate", "trained": false, "durable": true}`` in an error
        envelope: a reward for this decision was already accepted (first reward
        wins; a replayed token). Nothing changed; clients treat 409 as done
@@ -95,17 +98,23 @@ def parse_feedback_body(body: Any, now: float | None = None, max_cost_usd: float
     return RewardRecord(decision_id=decision_id, score=score, cost=cost, time=time.time() if now is None else now)
 
 
+FROZEN_MESSAGE = ("this router is frozen (banditroute serve --frozen): it does not take feedback; its decisions "
+                  "go to a decision sink other than the feedback actor, so no reward could be joined")
+"""The 405 of /v1/feedback on a router with no online loop behind it."""
+
+
 def feedback_target(router_config: Any) -> dict[str, Any]:
     """Which feedback actor the ingress sends rewards to: the one its replicas send decisions to.
 
     With ``decision_sink == "feedback-actor"`` its ``name``/``namespace``
-    options are used (so decisions and rewards meet in one actor); otherwise
-    the default ``banditroute-feedback`` in namespace ``banditroute``.
+    options are used (so decisions and rewards meet in one actor). Any other
+    sink means a frozen router (no feedback actor would know its decisions):
+    ``name`` None, and :func:`handle_feedback` answers 405.
     """
     options = getattr(router_config, "decision_sink_options", None) or {}
     if getattr(router_config, "decision_sink", None) == "feedback-actor":
         return {"name": str(options.get("name", FEEDBACK_ACTOR_NAME)), "namespace": options.get("namespace", NAMESPACE)}
-    return {"name": FEEDBACK_ACTOR_NAME, "namespace": NAMESPACE}
+    return {"name": None, "namespace": None}
 
 
 _ACTORS: dict[tuple[str, str | None], Any] = {}
@@ -141,18 +150,21 @@ async def submit(reward: RewardRecord, actor: Any = None, name: str = FEEDBACK_A
                            headers=RETRY_AFTER) from None
 
 
-async def handle_feedback(body: Any, actor: Any = None, name: str = FEEDBACK_ACTOR_NAME,
+async def handle_feedback(body: Any, actor: Any = None, name: str | None = FEEDBACK_ACTOR_NAME,
                           namespace: str | None = NAMESPACE, timeout_s: float = 30.0,
                           resolve_decision_id: Callable[[str], str] | None = None,
                           max_cost_usd: float | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(HTTP status, JSON body, headers) of the feedback actor's answer to one POST /v1/feedback body.
 
     A body refused before the actor is asked (invalid, bad token) or an
-    unreachable actor raises RequestError. ``resolve_decision_id`` maps the id
+    unreachable actor raises RequestError; so does a frozen router (no
+    ``actor`` and ``name`` None: 405 before the body is validated). ``resolve_decision_id`` maps the id
     the client sent (a signed token) to the raw decision id, or raises
     RequestError (401/410); it runs after the body is validated and before
     anything is sent to the actor.
     """
+    if actor is None and name is None:
+        raise RequestError(405, None, FROZEN_MESSAGE, headers={"Allow": ""})
     reward = parse_feedback_body(body, max_cost_usd=max_cost_usd)
     sent_id = reward.decision_id
     if resolve_decision_id is not None:

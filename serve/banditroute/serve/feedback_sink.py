@@ -7,8 +7,8 @@ Options (``decision_sink_options``):
   ``banditroute``): the feedback actor to send to;
 - ``timeout_s`` (default 10): how long one emit waits for the actor;
 - ``wait_durable`` (default true): wait until the actor has written the
-  decisions to its decision log (the sink contract: when ``emit`` returns
-  the records are durable). With false, ``emit`` returns once the call is
+  decisions to its decision log (the sink contract: when ``emit_table``
+  returns the records are durable). With false, it returns once the call is
   submitted (lower latency; decisions in flight can be lost with the actor).
 
 The Router calls it from a worker thread once per batch, so the blocking
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 
 from banditroute.core.names import FEEDBACK_ACTOR_NAME
 from banditroute.core.names import NAMESPACE
-from banditroute.core.records import DecisionRecord, decisions_to_table
 
 
 class FeedbackActorSink:
@@ -51,11 +50,6 @@ class FeedbackActorSink:
             if self._actor is None:
                 self._actor = ray.get_actor(self.name, namespace=self.namespace)
             return self._actor
-
-    def emit(self, records: Iterable[DecisionRecord]) -> None:
-        records = list(records)
-        if records:
-            self.emit_table(decisions_to_table(records))
 
     def emit_table(self, table: pa.Table) -> None:
         """Send a batch's decisions; retried while the actor restarts, within ``timeout_s`` in all.

@@ -3,14 +3,17 @@
 Endpoints: ``/v1/route``, ``/v1/route/batch``, ``/v1/chat/completions``
 (serve/openai_proxy.py), ``/v1/models``, ``/v1/feedback``
 (serve/feedback_endpoint.py), ``/v1/admin/*`` (serve/admin.py) and
-``/healthz``. Decisions are made by the ``Router`` deployment
-(serve/router.py); here happen input validation (serve/protocol.py: a 4xx
-naming the field), upstream proxying and security (core/security.py):
+``/healthz``. Decisions are made through a ``Decider`` (serve/decider.py):
+this replica's own ``RouterService`` (``placement: inline``: built when the
+app gives no Router handle) or the ``Router`` deployment (``placement:
+replica``; texts tokenized here for encoders with a tokenizer). Here happen
+input validation (serve/protocol.py: a 4xx naming the field), upstream
+proxying and security (core/security.py):
 
 - API keys per endpoint group (``ENDPOINT_GROUPS``; /healthz is open),
 - a body-size cap (``security.max_body_bytes``, also for chunked bodies),
 - signed decision tokens: every decision id a client sees (HTTP or the
-  handle methods) is a token minted here from the Router's raw id;
+  handle methods) is a token minted here from the decider's raw id;
   /v1/feedback verifies it before the feedback actor sees anything (401
   unsigned/tampered, 410 expired, 409 a replay of a rewarded decision).
 
@@ -40,19 +43,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from banditroute.core.security import Security, TokenError
 from banditroute.serve.admin import LearnerAdmin, security_report
 from banditroute.serve.config import as_router_config
-from banditroute.serve.core import RouteRequest
+from banditroute.serve.decider import Decider, RouterHandle
 from banditroute.serve.feedback_endpoint import feedback_target, handle_feedback
 from banditroute.serve.metrics import LATENCY_BOUNDARIES_MS, metric, replica_id
 from banditroute.serve.openai_proxy import ChatProxy
 from banditroute.serve.protocol import (
     WWW_AUTHENTICATE,
     RequestError,
+    RouteRequest,
     error_body,
     parse_batch_body,
     parse_json_body,
     parse_route_body,
     router_error,
 )
+from banditroute.serve.service import RouterService
 
 logger = logging.getLogger("banditroute.serve")
 
@@ -83,16 +88,18 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
 @serve.deployment(name="RouterIngress")
 @serve.ingress(api)
 class RouterIngress:
-    """The HTTP API. Validation happens here; decisions in ``Router``; upstream calls here."""
+    """The HTTP API. Validation and upstream calls happen here; decisions in this replica or in ``Router``."""
 
-    def __init__(self, router: DeploymentHandle, replay: DeploymentHandle | None, config: dict[str, Any]):
-        self.router = router
+    def __init__(self, router: DeploymentHandle | None, replay: DeploymentHandle | None, config: dict[str, Any]):
         self.cfg = as_router_config(config)
         self.replica_id = replica_id()
+        # No Router handle: placement inline, this replica decides (one hop per route).
+        self.router: Decider = RouterService(self.cfg, self.replica_id) if router is None \
+            else RouterHandle(router, self.cfg.tokenize_in_ingress, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
         self.default_w_cost = self.cfg.default_w_cost()
         self._models: list[str] | None = None
         self._models_at = 0.0
-        self.chat = ChatProxy(self.cfg, router, replay)
+        self.chat = ChatProxy(self.cfg, self.router, replay)
         self.learner = LearnerAdmin(self.cfg.learner_actor_name, self.cfg.parameter_server_namespace)
         self.m_requests = metric("counter", "banditroute_requests_total", "HTTP requests by endpoint and status.", ("endpoint", "status"))
         self.m_latency = metric("histogram", "banditroute_request_latency_ms", "HTTP request latency (ms).", ("endpoint",), LATENCY_BOUNDARIES_MS)
@@ -101,6 +108,11 @@ class RouterIngress:
         self.rejections: dict[str, int] = {}
         self.m_rejections = metric("counter", "banditroute_security_rejections_total",
                                    "Requests refused by the ingress's security checks, by reason.", ("reason",))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live batching knobs of an inline replica (``user_config``: max_batch_size, batch_wait_timeout_s)."""
+        if isinstance(self.router, RouterService):
+            self.router.set_batching(user_config.get("max_batch_size"), user_config.get("batch_wait_timeout_s"))
 
     # -- security --
 
@@ -122,7 +134,7 @@ class RouterIngress:
                            type_="authentication_error", headers=WWW_AUTHENTICATE)
 
     def _signed(self, response: dict[str, Any], now: float | None = None) -> dict[str, Any]:
-        """A Router answer with its raw decision id replaced by the client-facing (signed) token."""
+        """A decider's answer with its raw decision id replaced by the client-facing (signed) token."""
         token = self.security.token(response["decision_id"], response["model"], response["policy_version"],
                                     time.time() if now is None else now)
         return dict(response, decision_id=token)
@@ -183,27 +195,27 @@ class RouterIngress:
     # -- routing helpers --
 
     async def models(self) -> list[str]:
-        """The pool, from a Router replica (cached for 10 s, so weight updates that change it show up)."""
+        """The pool, from the deciding replica (cached for 10 s, so weight updates that change it show up)."""
         if self._models is None or time.monotonic() - self._models_at > 10.0:
-            info = await self.router.info.remote()
+            info = await self.router.info()
             self._models, self._models_at = list(info["models"]), time.monotonic()
         return self._models
 
     async def _ready_models(self) -> list[str]:
-        """The pool, or RequestError 503 while no Router replica answers."""
+        """The pool, or RequestError 503 while no deciding replica answers."""
         try:
             return await self.models()
         except Exception as exc:  # noqa: BLE001 - not ready yet
             raise RequestError(503, None, f"router not ready: {type(exc).__name__}") from None
 
     async def _route_one(self, req: RouteRequest) -> dict[str, Any]:
-        out = await self.router.route.remote(req)
+        out = await self.router.route(req)
         if "error" in out:
             raise router_error(out["error"])
         return out
 
     async def _decide_signed(self, req: RouteRequest) -> dict[str, Any]:
-        """One routed chat's Router answer, its decision id signed (headers and the ``banditroute`` extension carry it)."""
+        """One routed chat's decision, its id signed (headers and the ``banditroute`` extension carry it)."""
         out = await self._route_one(req)
         return dict(out, response=self._signed(out["response"]))
 
@@ -223,7 +235,7 @@ class RouterIngress:
             body, models=await self.models(), default_w_cost=self.default_w_cost, default_mode=self.cfg.default_mode,
             max_prompt_chars=self.cfg.max_prompt_chars, max_batch_requests=self.cfg.max_batch_requests,
         )
-        outs = await self.router.route_many.remote(reqs)
+        outs = await self.router.route_many(reqs)
         now = time.time()
         results = []
         for i, out in enumerate(outs):
@@ -235,14 +247,18 @@ class RouterIngress:
                 results.append(self._signed(out["response"], now))
         return {"results": results}
 
-    async def route_requests(self, reqs: list[RouteRequest]) -> list[dict[str, Any]]:
-        """Already-parsed requests (serve/client.py RouterClient) -> Router outputs with signed decision ids.
+    async def router_info(self) -> dict[str, Any]:
+        """Pool, defaults and served version of the deciding replica (serve/client.py RouterClient)."""
+        return await self.router.info()
 
-        One request goes through the batched ``Router.route`` (gathered with
+    async def route_requests(self, reqs: list[RouteRequest]) -> list[dict[str, Any]]:
+        """Already-parsed requests (serve/client.py RouterClient) -> decisions with signed decision ids.
+
+        One request goes through the batched ``route`` (gathered with
         concurrent calls), several through ``route_many``. Outputs keep the
-        Router's shape: ``{"response": ...}`` or ``{"error": ...}``.
+        deciders' shape: ``{"response": ...}`` or ``{"error": ...}``.
         """
-        outs = [await self.router.route.remote(reqs[0])] if len(reqs) == 1 else await self.router.route_many.remote(reqs)
+        outs = [await self.router.route(reqs[0])] if len(reqs) == 1 else await self.router.route_many(reqs)
         now = time.time()
         return [{"response": self._signed(o["response"], now)} if "error" not in o else {"error": o["error"]} for o in outs]
 
@@ -278,7 +294,7 @@ class RouterIngress:
     async def healthz(self, request: Request):
         async def handle():
             try:
-                info = await asyncio.wait_for(self.router.info.remote(), timeout=ROUTER_INFO_TIMEOUT_S)
+                info = await asyncio.wait_for(self.router.info(), timeout=ROUTER_INFO_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - not ready yet
                 raise RequestError(503, None, f"router not ready: {type(exc).__name__}") from None
             return {
@@ -289,7 +305,7 @@ class RouterIngress:
                 "models": info["models"],
                 "encoder_id": info["encoder_id"],
                 "device": info["device"],
-                # of the Router replica that answered: how well @serve.batch groups single requests
+                # of the deciding replica that answered: how well @serve.batch groups single requests
                 "batches_run": info.get("batches_run"),
                 "mean_batch_size": info.get("mean_batch_size"),
             }
@@ -334,3 +350,10 @@ class RouterIngress:
     async def admin_unpin(self, request: Request):
         """Release a pin: the promotion gate decides again at its next evaluation."""
         return await self._endpoint(request, "admin", self.learner.unpin)
+
+    def __del__(self):
+        if isinstance(getattr(self, "router", None), RouterService):
+            try:
+                self.router.close()
+            except Exception:  # noqa: BLE001
+                pass

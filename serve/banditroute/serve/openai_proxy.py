@@ -1,7 +1,7 @@
 """``POST /v1/chat/completions``: the OpenAI-compatible proxy of the ingress.
 
 A chat whose ``model`` is the router's own name (``router_model_name``) is
-routed: the Router decides a pool model (``log=False``), the chat is
+routed: the decider decides a pool model (``log=False``), the chat is
 forwarded to that model's upstream, and the decision is logged once the
 upstream answered, with the cost it reported (``usage.cost_usd`` / ``cost``
 / ``total_cost``) and, after a fallback, the model that actually served.
@@ -30,10 +30,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray.serve.handle import DeploymentHandle
 
 from banditroute.serve.config import RouterConfig
-from banditroute.serve.core import RouteRequest
+from banditroute.serve.decider import Decider
 from banditroute.serve.metrics import metric
 from banditroute.serve.protocol import (
     RequestError,
+    RouteRequest,
     check_length,
     error_body,
     messages_to_text,
@@ -98,11 +99,11 @@ async def relay_sse(resp: httpx.Response, extension: dict[str, Any] | None) -> A
 class ChatProxy:
     """Chat completions for one ingress replica: validation, routing, upstream calls with fallback, relay.
 
-    ``router`` is the Router deployment (deferred decision logging),
+    ``router`` is the ingress's decider (deferred decision logging),
     ``replay`` the ReplayUpstream deployment or None.
     """
 
-    def __init__(self, cfg: RouterConfig, router: DeploymentHandle, replay: DeploymentHandle | None):
+    def __init__(self, cfg: RouterConfig, router: Decider, replay: DeploymentHandle | None):
         self.cfg, self.router, self.replay = cfg, router, replay
         self.default_w_cost = cfg.default_w_cost()
         self._client: httpx.AsyncClient | None = None
@@ -111,7 +112,7 @@ class ChatProxy:
 
     async def complete(self, body: Any, pool: Callable[[], Awaitable[list[str]]],
                        decide: Callable[[RouteRequest], Awaitable[dict[str, Any]]]):
-        """The response to one chat body. ``pool()``: the pool's models; ``decide(req)``: the Router's
+        """The response to one chat body. ``pool()``: the pool's models; ``decide(req)``: the decider's
         answer for a request, its decision id already signed (RequestError when refused)."""
         if not isinstance(body, dict):
             raise RequestError(400, "body", "the body must be a JSON object")
@@ -222,7 +223,7 @@ class ChatProxy:
         if decision is not None and "result" in decision:
             served_model = served if served is not None and served != decision["result"].model else None
             try:
-                await self.router.log.remote([decision["result"]], [cost], [served_model])
+                await self.router.log([decision["result"]], [cost], [served_model])
             except Exception as exc:  # noqa: BLE001 - do not acknowledge a decision that may be lost
                 raise RequestError(503, None, f"decision log unavailable: {exc}") from None
 

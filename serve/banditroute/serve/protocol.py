@@ -5,25 +5,51 @@ Everything a client can get wrong is caught here and raised as a
 offending field. ``RequestError`` and ``error_body`` are also the one error
 type and the one error envelope of every other HTTP error path (API keys,
 decision tokens, feedback, upstreams, the replay server):
-``{"error": {"message": ..., "field": ..., "type": ...}}``. Nothing here
-imports Ray.
+``{"error": {"message": ..., "field": ..., "type": ...}}``; a row the router
+could not decide carries the same error as ``RequestError.to_router()``
+(turned back by ``router_error``). ``RouteRequest`` is a parsed routing
+question, as it travels from the ingress to whatever decides it. Nothing
+here imports Ray.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, Sequence
+
+import numpy as np
 
 from banditroute.policy.reward import PreferenceError, preference_to_w_cost
 from banditroute.serve.config import ROUTE_MODES
-from banditroute.serve.core import RouteRequest
 
 
 # Headers some errors carry: a 401 names the auth scheme; a 503 of a restarting actor says when to retry.
 WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="banditroute"'}
 RETRY_AFTER_S = 1
 RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_S)}
+
+
+@dataclass
+class RouteRequest:
+    """One routing question: what to embed, the preference, the allowed models, the mode."""
+
+    text: str | None
+    """Text to embed (the prompt, or the chat messages' contents joined); None when ``tokens`` carries it."""
+    w_cost: float
+    """Preference on the simplex (weight of cost)."""
+    candidates: list[str] | None = None
+    """Allowed models (None = the whole pool)."""
+    mode: str = "explore"
+    """'explore' (sample, propensity logged) or 'greedy' (argmax, propensity 1)."""
+    log: bool = True
+    """Serving only: log the decision when it is made (False: the caller logs it later, e.g. with the upstream cost)."""
+    tokens: dict[str, np.ndarray] | None = None
+    """The text already tokenized by the encoder's own tokenizer (serve/tokens.py: one unpadded row per
+    tokenizer output, attention mask left out), so a GPU replica only runs forward passes; None = tokenize ``text``."""
+    prompt_sha256: str | None = None
+    """SHA-256 of the text, given with ``tokens`` (the decision log keeps it); None = computed from ``text``."""
 
 
 def error_body(status: int, message: str, field: str | None = None, type_: str | None = None) -> dict[str, Any]:
@@ -54,6 +80,10 @@ class RequestError(ValueError):
 
     def to_json(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.field, self.type)
+
+    def to_router(self) -> dict[str, Any]:
+        """The per-request error a router answers (``{"status", "field", "message"}``; ``router_error`` inverts it)."""
+        return {"status": self.status, "field": self.field, "message": self.message}
 
     def __reduce__(self):  # picklable with its keyword state (raised through DeploymentHandles)
         return RequestError, (self.status, self.field, self.message), {"type": self.type, "headers": self.headers}

@@ -28,6 +28,7 @@ _PATH_FLAGS = ("data", "policy", "out")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from banditroute.cluster.cold_start import COLD_START_ENCODERS
     from banditroute.cluster.config import DEFAULT_MAX_DECISIONS
 
     parser.add_argument("--data", help="routing data to replay (up.data; default ../shared/data/routerbench/train.parquet)")
@@ -36,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-decisions", type=int,
                         help=f"stop after N routed decisions (up.max_decisions; default {DEFAULT_MAX_DECISIONS}; 0 = until Ctrl-C)")
     parser.add_argument("--out", help="output folder (up.out; default runs/latest)")
-    parser.add_argument("--encoder", choices=["minilm", "hashing"],
-                        help="cold-start encoder (up.cold_start.encoder): minilm (default) or hashing (fast smoke runs)")
+    parser.add_argument("--encoder", choices=list(COLD_START_ENCODERS),
+                        help="cold-start encoder (up.cold_start.encoder): minilm (default), static (model2vec distilled "
+                             "from MiniLM, ~130x faster on CPU) or hashing (smoke runs)")
     parser.add_argument("--replicas", type=int, help="Router replicas (router.num_replicas; default 2)")
     parser.add_argument("--concurrency", type=int, help="requests the replay driver keeps in flight (up.concurrency; default 16)")
     parser.add_argument("--port", type=int, help="Serve HTTP port on 127.0.0.1 (router.port; default: a free port)")
