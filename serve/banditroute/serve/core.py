@@ -192,57 +192,37 @@ class RouterCore:
     # --- construction ------------------------------------------------------
 
     @classmethod
-    def from_checkpoint(
-        cls,
-        path: str,
-        *,
-        device: str = "auto",
-        seed: int | None = None,
-        torch_threads: int = 0,
-        encoder_overrides: dict[str, Any] | None = None,
-        exploration_floor: float = DEFAULT_EXPLORATION_FLOOR,
-        exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING,
-    ) -> "RouterCore":
+    def from_checkpoint(cls, path: str, *, device: str = "auto", **options: Any) -> "RouterCore":
         """Load a policy checkpoint and build the encoder it was trained with, on ``device``."""
         dev = resolve_device(device)
-        policy = load_policy(path, device=dev)
-        return cls(policy, cls._make_encoder(policy, dev, encoder_overrides), seed=seed, torch_threads=torch_threads,
-                   exploration_floor=exploration_floor, exploration_ceiling=exploration_ceiling)
+        return cls.with_encoder(load_policy(path, device=dev), dev, **options)
 
     @classmethod
-    def from_state(
-        cls,
-        state: dict[str, Any],
-        *,
-        device: str = "auto",
-        seed: int | None = None,
-        torch_threads: int = 0,
-        encoder_overrides: dict[str, Any] | None = None,
-        exploration_floor: float = DEFAULT_EXPLORATION_FLOOR,
-        exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING,
-    ) -> "RouterCore":
+    def from_state(cls, state: dict[str, Any], *, device: str = "auto", **options: Any) -> "RouterCore":
         """From ``policy.state()`` of any kind (its version: the one the state's meta records)."""
         dev = resolve_device(device)
-        policy = policy_from_state(state, device=dev)
-        return cls(policy, cls._make_encoder(policy, dev, encoder_overrides), seed=seed, torch_threads=torch_threads,
-                   exploration_floor=exploration_floor, exploration_ceiling=exploration_ceiling)
+        return cls.with_encoder(policy_from_state(state, device=dev), dev, **options)
 
     @classmethod
-    def from_snapshot(
+    def from_snapshot(cls, snapshot: WeightsSnapshot, *, device: str = "auto", **options: Any) -> "RouterCore":
+        """From a parameter server's WeightsSnapshot, serving the snapshot's version."""
+        dev = resolve_device(device)
+        return cls.with_encoder(policy_from_snapshot(snapshot, device=dev), dev, **options)
+
+    @classmethod
+    def with_encoder(
         cls,
-        snapshot: WeightsSnapshot,
+        policy: RoutingPolicy,
+        device: str,
         *,
-        device: str = "auto",
         seed: int | None = None,
         torch_threads: int = 0,
         encoder_overrides: dict[str, Any] | None = None,
         exploration_floor: float = DEFAULT_EXPLORATION_FLOOR,
         exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING,
     ) -> "RouterCore":
-        """From a parameter server's WeightsSnapshot, serving the snapshot's version."""
-        dev = resolve_device(device)
-        policy = policy_from_snapshot(snapshot, device=dev)
-        return cls(policy, cls._make_encoder(policy, dev, encoder_overrides), seed=seed, torch_threads=torch_threads,
+        """A core for ``policy`` (on ``device``) with the encoder it was trained with."""
+        return cls(policy, cls._make_encoder(policy, device, encoder_overrides), seed=seed, torch_threads=torch_threads,
                    exploration_floor=exploration_floor, exploration_ceiling=exploration_ceiling)
 
     @staticmethod
