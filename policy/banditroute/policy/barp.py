@@ -14,9 +14,8 @@ snapshots and checkpoints are ``policy.base.PolicyBase``'s.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -123,22 +122,6 @@ class BarpPolicy(PolicyBase):
         self.meta = meta
         self.device = torch.device(device)
         self.network = (network or BarpNetwork(meta.embed_dim, len(meta.models), meta.network)).to(self.device)
-
-    def candidate_mask(self, candidates: Sequence[Sequence[str] | None] | None, batch: int) -> np.ndarray:
-        """Boolean (B, K) mask from per-row lists of model names (None = every model)."""
-        mask = np.ones((batch, len(self.models)), dtype=bool)
-        if candidates is None:
-            return mask
-        index = {m: k for k, m in enumerate(self.models)}
-        for row, names in enumerate(candidates):
-            if names is None:
-                continue
-            mask[row] = False
-            for name in names:
-                if name not in index:
-                    raise KeyError(name)
-                mask[row, index[name]] = True
-        return mask
 
     @torch.inference_mode()
     def logits(self, embeddings, w_cost, mask=None) -> torch.Tensor:

@@ -171,6 +171,23 @@ class PolicyBase:
     def embed_dim(self) -> int:
         return self.meta.embed_dim
 
+    def candidate_mask(self, candidates: Sequence[Sequence[str] | None] | None, batch: int) -> np.ndarray:
+        """Boolean (B, K) mask over the fixed pool from per-row lists of model names (None = every model);
+        KeyError on an unknown name. A kind whose pool changes at run time (identity) overrides it."""
+        mask = np.ones((batch, len(self.models)), dtype=bool)
+        if candidates is None:
+            return mask
+        index = {m: k for k, m in enumerate(self.models)}
+        for row, names in enumerate(candidates):
+            if names is None:
+                continue
+            mask[row] = False
+            for name in names:
+                if name not in index:
+                    raise KeyError(name)
+                mask[row, index[name]] = True
+        return mask
+
     def logits(self, embeddings: Any, w_cost: Any, mask: Any = None) -> torch.Tensor:
         raise NotImplementedError
 

@@ -24,7 +24,6 @@ ranks first.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,23 +110,6 @@ def decision_logits(probabilities: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return logp.masked_fill(~mask, float("-inf"))
 
 
-def fixed_pool_mask(models: Sequence[str], candidates: Sequence[Sequence[str] | None] | None, batch: int) -> np.ndarray:
-    """Boolean (B, K) mask over ``models`` from per-row lists of model names (None = every model); KeyError on an unknown name."""
-    mask = np.ones((batch, len(models)), dtype=bool)
-    if candidates is None:
-        return mask
-    index = {m: k for k, m in enumerate(models)}
-    for row, names in enumerate(candidates):
-        if names is None:
-            continue
-        mask[row] = False
-        for name in names:
-            if name not in index:
-                raise KeyError(name)
-            mask[row, index[name]] = True
-    return mask
-
-
 @dataclass
 class ValuePolicyMeta:
     """Everything besides the weights that a value checkpoint must carry."""
@@ -166,10 +148,6 @@ class ValuePolicy(PolicyBase):
         self.meta = meta
         self.device = torch.device(device)
         self.network = (network or ValueNetwork(meta.embed_dim, len(meta.models), meta.network)).to(self.device)
-
-    def candidate_mask(self, candidates: Sequence[Sequence[str] | None] | None, batch: int) -> np.ndarray:
-        """Boolean (B, K) mask from per-row lists of model names (None = every model)."""
-        return fixed_pool_mask(self.models, candidates, batch)
 
     def predictions(self, embeddings: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted (score, normalised cost), each (B, H, K) in [0, 1], with gradients (training mode is the caller's)."""
