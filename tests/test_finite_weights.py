@@ -57,3 +57,54 @@ def test_a_replica_keeps_serving_when_a_swap_brings_non_finite_weights():
     assert core.policy_version == 1
     results = core.route_batch([("What is 2+2?", 0.2, None, "explore")])
     assert results[0].ok and results[0].policy_version == 1
+
+
+class _FakeParameterServer:
+    """wait_for_newer hands out the queued snapshots in order (then nothing); report_replica records reports."""
+
+    def __init__(self, snapshots):
+        self.snapshots = list(snapshots)
+        self.reports: list[int] = []
+        server = self
+
+        class _Method:
+            def __init__(self, fn):
+                self.fn = fn
+
+            def remote(self, *args):
+                async def call():
+                    await asyncio.sleep(0.005)  # a real long-poll waits; this lets the test's loop run
+                    return self.fn(*args)
+                return call()
+
+        self.wait_for_newer = _Method(lambda known, timeout: server.snapshots.pop(0) if server.snapshots else None)
+        self.report_replica = _Method(lambda replica, version: server.reports.append(version))
+
+
+def test_a_replica_counts_refused_weights_and_takes_the_next_good_ones(tmp_path, monkeypatch):
+    from banditroute.serve import service as service_module
+    from banditroute.serve.config import RouterConfig
+    from banditroute.serve.testing import write_fixture
+
+    policy_path, _ = write_fixture(tmp_path, n=8)
+    cfg = RouterConfig(policy=str(policy_path), parameter_server_name="fake-ps",
+                       decision_sink_options={"path": str(tmp_path / "log")})
+    service = service_module.RouterService(cfg, "r1")
+    start = service.core.policy_version
+    good = service.core.policy.snapshot()
+    server = _FakeParameterServer([poisoned(good, np.nan, start + 1), WeightsSnapshot(start + 2, good.state)])
+    monkeypatch.setattr(service_module.ray, "get_actor", lambda name, namespace=None: server)
+
+    async def poll_until_reported():
+        task = asyncio.create_task(service._poll_weights())
+        for _ in range(200):
+            if len(server.reports) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return await service.info()
+
+    info = asyncio.run(poll_until_reported())
+    assert service.weights_rejected == 1 and info["weights_rejected"] == 1
+    assert service.core.policy_version == start + 2 and server.reports[:2] == [start, start + 2]
+    service.close()

@@ -48,7 +48,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from banditroute.core.records import WeightsSnapshot
+from banditroute.core.records import NonFiniteWeightsError, WeightsSnapshot
 from banditroute.policy.encoders import resolve_device
 from banditroute.serve.config import RouterConfig
 from banditroute.serve.core import RouteResult, RouterCore, decision_batch
@@ -118,6 +118,10 @@ class RouterService:
         self.m_infer = metric("histogram", "banditroute_inference_ms", "Encoder + policy + logging time per batch (ms).", (), LATENCY_BOUNDARIES_MS)
         self.m_version = metric("gauge", "banditroute_policy_version", "Policy version served by this replica.", ("replica_id",))
         self.m_swaps = metric("counter", "banditroute_weight_swaps_total", "Weight snapshots installed.", ())
+        self.m_rejected = metric("counter", "banditroute_weights_rejected_total",
+                                 "Weight snapshots refused (non-finite values, another encoder or width); the old weights kept serving.",
+                                 ("reason",))
+        self.weights_rejected = 0
         self.m_sink_errors = metric("counter", "banditroute_decision_sink_errors_total", "Failed decision-log appends.", ())
         self.m_version.set(self.core.policy_version, tags={"replica_id": self.replica_id})
         self.start_poller()
@@ -231,6 +235,7 @@ class RouterService:
             "default_mode": self.cfg.default_mode,
             "max_prompt_chars": self.cfg.max_prompt_chars,
             "batches_run": self.batches_run,
+            "weights_rejected": self.weights_rejected,
             "mean_batch_size": self.rows_decided / self.batches_run if self.batches_run else None,
             "tokenizes": self.core.tokenizer is not None,
         }
@@ -270,6 +275,8 @@ class RouterService:
                         logger.info("replica %s now serves policy v%d", self.replica_id, version)
                     except ValueError as exc:
                         self._rejected_version = snap.policy_version
+                        self.weights_rejected += 1
+                        self.m_rejected.inc(tags={"reason": "non_finite" if isinstance(exc, NonFiniteWeightsError) else "incompatible"})
                         logger.error("rejected weights v%d: %s", snap.policy_version, exc)
                 await actor.report_replica.remote(self.replica_id, self.core.policy_version)
                 backoff = 0.25
