@@ -242,7 +242,7 @@ def ratios(result: dict) -> dict:
     """Served over floor at each concurrency, and the issue's targets: met or not."""
     floor = {p["concurrency"]: p for p in result.get("floor", [])}
     out: dict = {"per_concurrency": []}
-    for p in result["route"]:
+    for p in result.get("route", []):
         f = floor.get(p["concurrency"])
         if f and f["requests_per_s"] > 0:
             out["per_concurrency"].append({"concurrency": p["concurrency"], "rps_over_floor": p["requests_per_s"] / f["requests_per_s"],
@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="deploy the do-nothing app on the same Serve and measure it right before each /v1/route point")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                         help="then start `banditroute serve` with the same settings and record the memory of its processes")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the memory of `banditroute serve` (no raw run, no served points): RSS is load-independent")
+    parser.add_argument("--memory-modes", default="online,frozen", help="which `banditroute serve` runs to measure")
     parser.add_argument("--paired-raw", action=argparse.BooleanOptionalAction, default=False,
                         help="measure raw again right before every served point (same load) and report the ratio per point")
     parser.add_argument("--skip-raw", action="store_true")
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tmp_dir:
         raw_core = None
-        if not args.skip_raw and not args.url:
+        if not args.skip_raw and not args.url and not args.memory_only:
             from banditroute.serve.core import RouterCore
 
             raw_core = RouterCore.from_checkpoint(policy, device=args.device or "auto", seed=0, torch_threads=args.torch_threads or 0)
@@ -331,10 +334,11 @@ def main(argv: list[str] | None = None) -> int:
             result["raw"] = raw
             result["raw_prompts_per_s"] = raw["end_to_end"]["prompts_per_s"]
             print(f"raw RouterCore, batch {app.router.max_batch_size}: {result['raw_prompts_per_s']:.1f} prompts/s", flush=True)
-        run_served(args, result, prompts, policy, tmp, raw_core)
-        if args.memory and not args.url:
+        if not args.memory_only:
+            run_served(args, result, prompts, policy, tmp, raw_core)
+        if (args.memory or args.memory_only) and not args.url:
             result["memory"] = {}
-            for mode in ("online", "frozen"):
+            for mode in [m for m in args.memory_modes.split(",") if m]:
                 mem = result["memory"][mode] = measure_memory(args, policy, prompts, tmp, frozen=mode == "frozen")
                 print(f"banditroute serve ({mode}): {len(mem['processes'])} processes, RSS {mem['total_rss_mb']:.0f} MB, "
                       f"PSS {mem['total_pss_mb']:.0f} MB", flush=True)

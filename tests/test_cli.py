@@ -19,7 +19,7 @@ def test_every_subcommand_has_help(command, capsys):
 
 @pytest.mark.parametrize("kind, train_sets", [("barp", ["train.epochs=3"]), ("identity", ["train.epochs=2", "train.irt.steps=60", "train.irt.identity_steps=40"])])
 def test_split_then_train_prints_a_loadable_checkpoint(tmp_path, capsys, kind, train_sets):
-    data_path = make_routing_data(90).save(tmp_path / "data.csv")
+    data_path = make_routing_data(90).save(tmp_path / "data.parquet")
     assert main(["split", "--data", str(data_path), "--by", "task", "--test-tasks", "code", "--out", str(tmp_path / "split")]) == 0
     capsys.readouterr()
     args = ["train", "--data", str(tmp_path / "split" / "train.parquet"), "--out", str(tmp_path / "run"), "--kind", kind,
@@ -35,8 +35,8 @@ def test_split_then_train_prints_a_loadable_checkpoint(tmp_path, capsys, kind, t
 
 def test_bad_data_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     frame = make_routing_data(10).to_frame().drop(columns=["eval_name"])
-    frame.to_csv(tmp_path / "bad.csv", index=False)
-    assert main(["train", "--data", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "o"), "--set", "encoder.name=hashing"]) == 2
+    frame.to_parquet(tmp_path / "bad.parquet", index=False)
+    assert main(["train", "--data", str(tmp_path / "bad.parquet"), "--out", str(tmp_path / "o"), "--set", "encoder.name=hashing"]) == 2
     assert "missing column" in capsys.readouterr().err
 
 

@@ -117,13 +117,28 @@ def test_serve_config_validates_and_matches_k8s():
     assert ours["args"]["prices"] == {"gpt-4": 0.03, "mixtral-8x7b": 0.0006}
     assert config["proxy_location"] == k8s["proxy_location"] and config["http_options"] == k8s["http_options"]
     deployments = {d["name"]: d for d in ours["deployments"]}
+    # GPU replicas (num_gpus 0.5): placement auto keeps the Router deployment, and the config pins it for the builder
+    assert ours["args"]["router"]["placement"] == "replica"
     assert deployments["Router"]["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
     assert deployments["Router"]["autoscaling_config"]["max_replicas"] == 4
     assert "num_replicas" not in deployments["Router"]
     # fixed replica counts when no autoscaling section; num_gpus 'auto' is left to build_app
-    fixed = serve_config_from_app(app_config_from_dict({"router": {"num_replicas": 3, "policy": "runs/policy"}}, environ={}))
-    router = {d["name"]: d for d in fixed["applications"][0]["deployments"]}["Router"]
-    assert router["num_replicas"] == 3 and "num_gpus" not in router["ray_actor_options"]
+    cpu = {"router": {"num_replicas": 3, "policy": "runs/policy", "num_gpus": "auto", "device": "cpu"}}
+    fixed = serve_config_from_app(app_config_from_dict(cpu, environ={}))
+    (inline,) = fixed["applications"][0]["deployments"]  # on CPU, placement auto: the ingress decides, no Router
+    assert fixed["applications"][0]["args"]["router"]["placement"] == "inline"
+    assert inline["name"] == "RouterIngress" and inline["num_replicas"] == 3 and "num_gpus" not in inline["ray_actor_options"]
+    assert inline["user_config"] == {"max_batch_size": 64, "batch_wait_timeout_s": 0.002}
+    cpu["router"]["placement"] = "replica"
+    fixed = serve_config_from_app(app_config_from_dict(cpu, environ={}))
+    by_name = {d["name"]: d for d in fixed["applications"][0]["deployments"]}
+    assert by_name["Router"]["num_replicas"] == 3 and "num_gpus" not in by_name["Router"]["ray_actor_options"]
+    assert by_name["RouterIngress"]["num_replicas"] == 1
+    # inline + autoscaling: the ingress replicas are the deciding ones, so router_autoscaling applies to them
+    cpu["router"]["placement"] = "inline"
+    cpu["serve"] = {"router_autoscaling": {"min_replicas": 1, "max_replicas": 5}}
+    (inline,) = serve_config_from_app(app_config_from_dict(cpu, environ={}))["applications"][0]["deployments"]
+    assert inline["autoscaling_config"]["max_replicas"] == 5 and "num_replicas" not in inline
 
 
 def test_build_app_accepts_the_storage_arg(tmp_path):
@@ -138,7 +153,11 @@ def test_build_app_accepts_the_storage_arg(tmp_path):
                     online={"enabled": False}, prices={})
         app = build_app(args)  # the online loop itself: tests/test_cluster_online.py
         ingress = app._bound_deployment
-        assert (ingress.name, ingress.init_args[0]._bound_deployment.name) == ("RouterIngress", "Router")
+        assert ingress.name == "RouterIngress"
+        if args["router"].get("placement") == "replica":  # generated: pinned where the config was made (GPUs there)
+            assert ingress.init_args[0]._bound_deployment.name == "Router"
+        else:  # k8s args leave placement auto; built here, on CPU: inline
+            assert ingress.init_args[0] is None
     with pytest.raises(ValueError, match=r"storage\.uri"):
         build_app({"router": {"policy": str(policy_path), "num_gpus": 0}, "storage": {"uri": "ftp://x/y"}})
     with pytest.raises(ValueError, match=r"storage\.regoin"):
@@ -210,7 +229,7 @@ def test_deploy_generated_config_and_healthz(tmp_path):
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["health"]["status"] == "ok" and result["health"]["models"] == ["big-model", "mid-model", "small-model"]
-    assert result["deployments"] == ["Router", "RouterIngress"]
+    assert result["deployments"] == ["RouterIngress"]  # placement auto on CPU: inline (router_autoscaling on the ingress)
 
 def test_start_modes(monkeypatch):
     import ray
@@ -223,13 +242,21 @@ def test_start_modes(monkeypatch):
     assert start_ray(app_config_from_dict({"start": {"num_cpus": 4}}, environ={}))
     assert calls[-1]["num_cpus"] == 4 and "address" not in calls[-1]
     assert calls[-1]["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    # local runs: no dashboard UI and no idle workers by default (memory, docs/serving.md); both can be turned back on
+    assert calls[-1]["include_dashboard"] is False and calls[-1]["_system_config"]["num_workers_soft_limit"] == 0
+    assert start_ray(app_config_from_dict({"start": {"include_dashboard": True, "keep_idle_workers": True}}, environ={}))
+    assert calls[-1]["include_dashboard"] is True and "_system_config" not in calls[-1]
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # ray.init joins that cluster: no node settings
+    assert start_ray(app_config_from_dict({}, environ={}))
+    assert "include_dashboard" not in calls[-1] and "_system_config" not in calls[-1]
+    monkeypatch.delenv("RAY_ADDRESS")
     cluster = app_config_from_dict(
         {"start": {"mode": "cluster", "address": "ray://head:10001"}, "storage": {"uri": "s3://b/p"}}, environ={}
     )
     assert start_ray(cluster)
     assert calls[-1] == {"address": "ray://head:10001", "namespace": "banditroute"}
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    assert not start_ray(cluster) and len(calls) == 2
+    assert not start_ray(cluster) and len(calls) == 4
 
 
 def test_build_app_args_are_the_app_config():
@@ -259,4 +286,6 @@ def test_generated_args_load_back_as_the_same_app_config():
     again = app_config_from_args(args, environ={})
     for section in ("storage", "online", "feedback", "learner", "prices"):
         assert getattr(again, section) == getattr(app, section), section
-    assert replace(again.router, host=app.router.host, port=app.router.port) == app.router  # the proxy's keys are http_options
+    # the proxy's keys are http_options; placement auto is decided (and pinned) where the config is generated
+    assert again.router.placement == "replica" and app.router.placement == "auto"
+    assert replace(again.router, host=app.router.host, port=app.router.port, placement="auto") == app.router

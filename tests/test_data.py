@@ -6,10 +6,9 @@ from banditroute.core.data import DataError, load_routing_data, split_by_prompt,
 from banditroute.testkit.synthetic import make_routing_data
 
 
-@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".pkl"])
-def test_round_trip_every_format(tmp_path, suffix):
+def test_round_trip_parquet(tmp_path):
     data = make_routing_data(30, with_responses=True)
-    path = data.save(tmp_path / f"d{suffix}")
+    path = data.save(tmp_path / "d.parquet")
     back = load_routing_data(path)
     assert back.models == data.models
     assert back.prompts == data.prompts
@@ -65,6 +64,32 @@ def test_unsupported_suffix(tmp_path):
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(DataError, match="unsupported"):
         load_routing_data(tmp_path / "x.json")
+
+
+class _RunsCode:
+    ran = False
+
+    def __reduce__(self):
+        return (setattr, (_RunsCode, "ran", True))
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".pickle", ".csv"])
+def test_data_files_are_parquet_only_and_a_pickle_is_never_read(tmp_path, suffix):
+    import pickle
+
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(pickle.dumps(_RunsCode()) if suffix != ".csv" else b"sample_id,prompt\n1,hi\n")
+    with pytest.raises(DataError, match=r"^train_data: .*unsupported file type .*must be Parquet"):
+        load_routing_data(path, field_name="train_data")
+    assert not _RunsCode.ran
+    with pytest.raises(DataError, match="^path: "):
+        make_routing_data(5).save(tmp_path / "out.pkl")  # nothing writes a format that cannot be read back
+
+
+def test_a_non_parquet_file_with_a_parquet_name_is_a_clear_error(tmp_path):
+    (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="data: .*not a readable Parquet file"):
+        load_routing_data(tmp_path / "fake.parquet")
 
 
 def test_prompt_split_is_seeded_and_disjoint():

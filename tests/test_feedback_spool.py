@@ -16,7 +16,7 @@ from banditroute.serve.feedback_endpoint import ack_to_http
 from banditroute.feedback.log import EventLog
 from banditroute.feedback.config import FeedbackConfig
 from banditroute.feedback.service import FeedbackService
-from banditroute.feedback.spool import LocalSpool, SpoolFull
+from banditroute.feedback.spool import Spool, SpoolFull
 from banditroute.core.records import DecisionRecord, RewardRecord
 from banditroute.core.storage import Storage, StorageUnavailable, open_storage
 from banditroute.testkit.s3server import S3Proxy, s3_proxy, s3_server  # noqa: F401
@@ -32,8 +32,16 @@ class FlakyStorage(Storage):
         base = open_storage(str(path))
         return cls(base._fs, base._root, base._uri_root, base.config)
 
+    parent: "FlakyStorage | None" = None
+
+    def child(self, prefix: str) -> "FlakyStorage":
+        """A sub-root that is down whenever this storage is (the default spool lives in the log's storage)."""
+        sub = FlakyStorage(self._fs, self.path_for(prefix), self.uri_for(prefix), self.config)
+        sub.parent = self
+        return sub
+
     def _check(self, op: str) -> None:
-        if self.down:
+        if self.down or (self.parent is not None and self.parent.down):
             raise StorageUnavailable(f"storage unavailable during {op}: connection refused (test)")
 
     def write_bytes(self, key, data):
@@ -159,7 +167,6 @@ def test_restart_during_an_outage_finds_its_spool_and_never_accepts_twice(tmp_pa
 def test_a_drain_repeated_after_a_crash_leaves_no_duplicate(tmp_path):
     storage = FlakyStorage.at(tmp_path / "log")
     log = EventLog(storage)
-    spool = LocalSpool(tmp_path / "spool", 100)
     svc = FeedbackService(config(tmp_path), log)
     svc.joiner.add_decision(decision("d0"))
     storage.down = True
@@ -173,7 +180,8 @@ def test_a_drain_repeated_after_a_crash_leaves_no_duplicate(tmp_path):
     (key,) = svc.spool.keys()
     storage.down = False
     log.write_part(key, svc.spool.read_bytes(key))  # the drain wrote the part, then the process died
-    spool = LocalSpool(tmp_path / "spool", 100)  # restart: the part is still there
+    spool = Spool.at(tmp_path / "spool", 100)  # restart: the part is still there
+    spool.load()
     assert spool.keys() == [key] and spool.depth == 1
     restarted = FeedbackService(config(tmp_path), EventLog(storage))
     assert restarted.drain_spool() == 1
@@ -256,3 +264,170 @@ def test_readers_keep_the_first_row_per_decision(tmp_path):
     assert log.read_events(dedupe=False).column("decision_id").to_pylist() == ["d1", "d2", "d1"]
     table = log.read_events()
     assert table.column("decision_id").to_pylist() == ["d1", "d2"] and table.column("score").to_pylist() == [1.0, 0.5]
+
+
+# --- the spool survives losing a node (issue 14, item 4) --------------------------------------------
+
+
+def _node(monkeypatch, tmp_path, name: str):
+    """'Run on node ``name``': its own temp dir (a node-local disk), which is gone when the node is lost."""
+    import tempfile
+
+    local = tmp_path / "nodes" / name / "tmp"
+    local.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(local))
+    return local
+
+
+def test_default_spool_is_never_node_local_so_a_move_neither_loses_nor_doubles(tmp_path, monkeypatch):
+    """Reproduces the issue: ack from node A's spool, A is lost, the actor restarts on B, the token is replayed."""
+    import shutil
+
+    storage = FlakyStorage.at(tmp_path / "log")
+    # The default spool lives in the log's storage (FlakyStorage.child): as down as the log, never on a node's disk.
+    settings = dict(send_to_learner=False, unknown_grace_s=0.0, spool_drain_interval_s=DRAIN_INTERVAL_S)
+
+    async def scenario():
+        clock = ManualClock(time.time())
+        node_a = _node(monkeypatch, tmp_path, "a")
+        on_a = FeedbackService(FeedbackConfig(**settings), EventLog(storage), clock=clock)
+        await on_a.record_decisions([decision("d1"), decision("d2")])
+        storage.down = True
+        first = await on_a.submit_reward(RewardRecord("d1", 1.0))
+        await on_a.stop()
+        shutil.rmtree(node_a)  # node A is lost, with its disk
+        storage.down = False
+        _node(monkeypatch, tmp_path, "b")
+        on_b = FeedbackService(FeedbackConfig(**settings), EventLog(storage), clock=clock)
+        on_b.recover()
+        replay = await on_b.submit_reward(RewardRecord("d1", 0.0))
+        await clock.advance_until(lambda: on_b.stats()["spool_depth"] == 0, DRAIN_INTERVAL_S, what="the drain")
+        await on_b.stop()
+        return first, replay
+
+    first, replay = asyncio.run(scenario())
+    ids = EventLog(storage).read_events(dedupe=False).column("decision_id").to_pylist()
+    assert ids.count("d1") == 1, ids  # never lost, never twice
+    assert (first["status"], replay["status"]) in {("accepted", "duplicate"), ("unavailable", "accepted")}
+    assert first["status"] == "unavailable"  # with the log's own storage down, the default spool is down too
+
+
+def test_shared_spool_ack_survives_an_actor_move_and_a_replay_is_409(tmp_path, monkeypatch):
+    """spool_uri on shared storage: acknowledged from the spool on node A; B sees it, answers 409, drains it once."""
+    import shutil
+
+    storage = FlakyStorage.at(tmp_path / "log")
+    shared = tmp_path / "shared-spool"  # a second bucket / an RWX mount every node reaches
+    settings = dict(send_to_learner=False, unknown_grace_s=0.0, spool_uri=str(shared), spool_drain_interval_s=DRAIN_INTERVAL_S)
+
+    async def scenario():
+        clock = ManualClock(time.time())
+        node_a = _node(monkeypatch, tmp_path, "a")
+        on_a = FeedbackService(FeedbackConfig(**settings), EventLog(storage), clock=clock)
+        await on_a.record_decisions([decision("d1")])
+        storage.down = True
+        await on_a.record_decisions([decision("d2"), decision("d3")])  # decisions spooled while the log is down
+        acked = await on_a.submit_reward(RewardRecord("d1", 1.0))
+        acked2 = await on_a.submit_reward(RewardRecord("d2", 0.5))
+        await on_a.stop()
+        shutil.rmtree(node_a)
+        _node(monkeypatch, tmp_path, "b")
+        on_b = FeedbackService(FeedbackConfig(**settings), EventLog(storage), clock=clock)
+        recovered = on_b.recover()  # the log is still down: the shared spool alone
+        during = [await on_b.submit_reward(RewardRecord(d, 0.0)) for d in ("d1", "d2", "d3")]
+        storage.down = False
+        await clock.advance_until(lambda: not on_b.recovery.pending and on_b.stats()["spool_depth"] == 0,
+                                  DRAIN_INTERVAL_S, what="the late recovery and the drain")
+        after = await on_b.submit_reward(RewardRecord("d1", 0.0))
+        await on_b.stop()
+        return acked, acked2, recovered, during, after
+
+    acked, acked2, recovered, during, after = asyncio.run(scenario())
+    assert acked["status"] == acked2["status"] == "accepted"
+    assert recovered["finished"] == 2 and recovered["storage_unavailable"] == 1
+    assert [a["status"] for a in during] == ["duplicate", "duplicate", "accepted"]  # d3 was pending in the spool
+    assert after["status"] == "duplicate" and ack_to_http(after)[0] == 409
+    ids = EventLog(storage).read_events(dedupe=False).column("decision_id").to_pylist()
+    assert sorted(ids) == ["d1", "d2", "d3"]
+    assert "d3" in EventLog(storage).read_decisions().column("decision_id").to_pylist()
+    assert not list(shared.rglob("*.parquet"))  # drained
+
+
+def test_an_unreadable_spool_at_recovery_holds_every_reward_until_it_can_be_read(tmp_path):
+    storage = FlakyStorage.at(tmp_path / "log")
+    spool_storage = FlakyStorage.at(tmp_path / "spool")
+
+    async def scenario():
+        clock = ManualClock(time.time())
+        svc = FeedbackService(config(tmp_path), EventLog(storage), clock=clock)
+        svc.writer.spool = Spool(spool_storage, 100)
+        await svc.record_decisions([decision("d1"), decision("d2")])
+        storage.down = True
+        assert (await svc.submit_reward(RewardRecord("d1", 1.0)))["status"] == "accepted"  # in the spool
+        storage.down = False
+        await svc.stop()
+
+        again = FeedbackService(config(tmp_path), EventLog(storage), clock=clock)
+        again.writer.spool = Spool(spool_storage, 100)
+        spool_storage.down = True
+        assert again.recover()["spool_unavailable"] == 1 and again.recovery.blocks_all
+        # d1 is pending in the decision log, but its acknowledged reward is in the spool nobody can read
+        held = [await again.submit_reward(RewardRecord(d, 0.0)) for d in ("d1", "d2")]
+        spool_storage.down = False
+        await clock.advance_until(lambda: not again.recovery.pending and again.stats()["spool_depth"] == 0,
+                                  DRAIN_INTERVAL_S, what="recovery and the drain")
+        after = [await again.submit_reward(RewardRecord(d, 0.0)) for d in ("d1", "d2")]
+        await again.stop()
+        return held, after
+
+    held, after = asyncio.run(scenario())
+    assert [h["status"] for h in held] == ["unavailable", "unavailable"] and "spool" in held[0]["error"]
+    assert [a["status"] for a in after] == ["duplicate", "accepted"]
+    assert sorted(logged_ids(storage)) == ["d1", "d2"]
+
+
+def test_spool_config_names_its_fields_and_never_defaults_to_a_node_local_folder(tmp_path):
+    from banditroute.core.storage import StorageConfig
+
+    log = StorageConfig(uri="s3://bucket/prefix", endpoint_url="http://127.0.0.1:9000")
+    assert FeedbackConfig().spool_storage_for(log).uri == "s3://bucket/prefix/spool"
+    other = FeedbackConfig(spool_uri="s3://spool-bucket/x").spool_storage_for(log)
+    assert other.uri == "s3://spool-bucket/x" and other.endpoint_url == "http://127.0.0.1:9000"
+    with pytest.raises(ValueError, match="feedback.spool_dir is the deprecated name of feedback.spool_uri"):
+        FeedbackConfig(spool_uri="/a", spool_dir="/b").validate()
+    with pytest.raises(ValueError, match="feedback.spool_uri"):
+        FeedbackConfig(spool_uri=" ").validate()
+    svc = FeedbackService(FeedbackConfig(send_to_learner=False), EventLog(open_storage(str(tmp_path / "log"))))
+    assert svc.spool.location == (tmp_path / "log" / "spool").resolve().as_uri()
+
+
+# --- one late row per decision --------------------------------------------------------------
+
+
+def test_replayed_late_rewards_write_one_late_row_even_across_a_restart(tmp_path):
+    from banditroute.feedback.join import JoinConfig
+
+    storage = open_storage(str(tmp_path / "log"))
+    settings = dict(send_to_learner=False, unknown_grace_s=0.0, join=JoinConfig(window_s=1.0))
+
+    async def scenario():
+        clock = ManualClock(time.time())
+        svc = FeedbackService(FeedbackConfig(**settings), EventLog(storage), clock=clock)
+        await svc.record_decisions([decision("d1")])
+        await clock.advance(2.0)
+        await svc.sweep()  # the window closes (dropped)
+        answers = [await svc.submit_reward(RewardRecord("d1", 1.0)) for _ in range(50)]
+        await svc.stop()
+        again = FeedbackService(FeedbackConfig(**settings), EventLog(storage), clock=clock)
+        again.recover()
+        more = [await again.submit_reward(RewardRecord("d1", 1.0)) for _ in range(5)]
+        stats = again.stats()
+        await again.stop()
+        return answers + more, stats
+
+    answers, stats = asyncio.run(scenario())
+    assert {a["status"] for a in answers} == {"late"} and sum(not a.get("already_logged") for a in answers) == 1
+    assert ack_to_http(answers[-1])[0] == ack_to_http(answers[0])[0]  # a replay is answered like the first
+    late = EventLog(storage).read_late()
+    assert late.column("decision_id").to_pylist() == ["d1"]
+    assert len(storage.list("late_rewards")) == 1 and stats["late_repeats_not_logged"] == 5

@@ -109,6 +109,36 @@ def test_feedback_body_parser(body):
     assert reward.cost is None or 0.0 <= reward.cost <= 10.0
 
 
+@SETTINGS
+@given(st.dictionaries(KEYS | st.sampled_from(["n", "max_tokens", "max_completion_tokens", "temperature", "functions"]) | st.text(max_size=5),
+                       JSON, max_size=6))
+def test_chat_forwarding_allow_list(body):
+    from banditroute.serve.limits import LimitsConfig
+    from banditroute.serve.openai_proxy import FORWARDED_FIELDS, forwarded_body
+
+    limits = LimitsConfig(chat_max_tokens=64)
+    try:
+        out = forwarded_body(body, limits)
+    except RequestError as exc:
+        assert_client_error(exc)
+        return
+    assert set(out) <= set(FORWARDED_FIELDS)  # nothing else reaches the operator's upstream key
+    assert any(1 <= (out.get(k) or 0) <= 64 for k in ("max_tokens", "max_completion_tokens"))
+    assert out.get("n") in (None, 1)
+
+
+@SETTINGS
+@given(BATCH_LIKE | JSON, st.integers(1, 60))
+def test_batch_text_cap(body, cap):
+    try:
+        reqs = parse_batch_body(body, models=MODELS, default_w_cost=0.3, default_mode="greedy", max_prompt_chars=50,
+                                max_batch_requests=6, max_batch_chars=cap)
+    except RequestError as exc:
+        assert_client_error(exc)
+        return
+    assert sum(len(r.text) for r in reqs) <= cap
+
+
 SECRET = "k" * 32
 
 
@@ -179,6 +209,7 @@ def test_live_fuzz_no_5xx_no_crash(secured):
     assert not report.server_errors, [e["body"] for e in report.server_errors]
     assert not report.no_message and not report.no_field, summary["examples"]
     assert {401, 404, 405, 409, 410, 413, 422} <= set(report.by_status), summary["by_status"]
+    assert report.by_kind["bounds"] and report.by_kind["docs"]  # the request bounds were tried too
 
     assert replica_ids(base) == before  # the same Router and ingress replicas answer: none restarted
     app = serve.status().applications[secured["app_name"]]

@@ -306,7 +306,8 @@ def test_serving_core_routes_an_identity_policy_over_a_changing_pool(trained):
     before = core.route_batch([RouteRequest(p, 0.5, None, "greedy") for p in data.prompts[:40]])
     assert all(r.ok for r in before) and "big-but-free" not in before[0].probabilities
     strong = policy.registry.get("big")
-    policy.registry.add("big-but-free", 0.0, strong.mu, strong.sigma, n_observations=30)
+    # an established identity (>= fresh_models.min_observations): a fresh one would be capped (test_fresh_models.py)
+    policy.registry.add("big-but-free", 0.0, strong.mu, strong.sigma, n_observations=300)
     after = core.route_batch([RouteRequest(p, 0.5, ["big", "big-but-free"], "greedy") for p in data.prompts[:40]])
     assert all(set(r.probabilities) == {"big", "big-but-free"} for r in after)
     assert sum(r.model == "big-but-free" for r in after) > 30

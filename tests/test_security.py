@@ -16,15 +16,18 @@ from banditroute.core.security import (
     Security,
     SecurityConfig,
     TokenError,
+    api_key_id,
+    check_open_bind,
     ensure_local_secret,
+    secret_problem,
     key_matches,
     presented_key,
     sign,
     verify,
 )
 
-SECRET = "s" * 32
-OTHER = "o" * 32
+SECRET = "s3cr3t-0123456789-abcdefghij-XYZ!"
+OTHER = "0th3r-9876543210-jihgfedcba-ZYX?"
 
 
 def kind_of(token, secrets=(SECRET,), now=1000.0) -> str:
@@ -82,7 +85,7 @@ def test_api_keys_and_security_from_env():
 
     with pytest.raises(ValueError, match="security.token_secret_env"):
         Security(SecurityConfig(token_secret_env="MISSING"), env)
-    with pytest.raises(ValueError, match="shorter"):
+    with pytest.raises(ValueError, match="32 random bytes"):
         Security(SecurityConfig(token_secret_env="S"), {"S": "short"})
     with pytest.raises(ValueError, match="security.feedback_api_keys_env"):
         Security(SecurityConfig(token_secret_env="SECRET", feedback_api_keys_env="NOPE"), env)
@@ -92,6 +95,62 @@ def test_api_keys_and_security_from_env():
     fresh: dict[str, str] = {}
     assert ensure_local_secret(SecurityConfig(), fresh) and len(fresh["BANDITROUTE_TOKEN_SECRET"]) >= 32
     assert not ensure_local_secret(SecurityConfig(), fresh)  # an existing secret is kept
+
+
+def test_secrets_must_be_32_random_bytes():
+    for weak in ("a" * 16, "a" * 31, "a" * 64, "ab" * 20, "test-secret-"):
+        assert secret_problem(weak), weak
+        with pytest.raises(ValueError, match="security.token_secret_env: secret #1"):
+            Security(SecurityConfig(token_secret_env="S"), {"S": f"{SECRET},{weak}"})
+    assert secret_problem(SECRET) is None and secret_problem("漢字" * 6)  # 36 bytes of UTF-8, but 2 distinct characters
+    fresh: dict[str, str] = {}
+    ensure_local_secret(SecurityConfig(), fresh)  # what `banditroute serve`/`up` generate passes
+    assert secret_problem(fresh["BANDITROUTE_TOKEN_SECRET"]) is None
+    assert secret_problem("test-secret-" + "0123456789abcdef" * 2) is None  # tests/conftest.py's form
+
+
+def test_tokens_bind_the_route_key_that_routed():
+    env = {"SECRET": SECRET, "RK": "route-a,route-b,shared", "FK": "grader,shared"}
+    sec = Security(SecurityConfig(token_secret_env="SECRET", route_api_keys_env="RK", feedback_api_keys_env="FK"), env)
+    kid = sec.routing_key_id("Bearer route-a", None)
+    assert kid == api_key_id("route-a") and "route-a" not in kid and len(kid) == 16
+    claims = sec.verify(sec.token("d1", "m", 2, 1000.0, kid), 1000.0)
+    assert claims.key_id == kid and claims.decision_id == "d1"
+    assert sec.check_token_key(claims, None, "route-a") is None  # the key that routed it
+    assert sec.check_token_key(claims, "Bearer grader", None) is None  # a dedicated feedback key (a grader service)
+    for other in ("route-b", "shared", None):  # another client's key (shared is a route key too), or none
+        assert sec.check_token_key(claims, None, other) == "wrong_key", other
+    # keyless routing binds nothing: the token is accepted from anyone (and keeps the 4-claim form)
+    keyless = Security(SecurityConfig(token_secret_env="SECRET"), env)
+    assert keyless.routing_key_id("Bearer whatever", None) == ""
+    legacy = sign("d2", "m", 1, 2000, SECRET)
+    assert verify(legacy, [SECRET], 1000.0).key_id == "" and keyless.check_token_key(verify(legacy, [SECRET], 1000.0), None, None) is None
+    assert len(sign("d2", "m", 1, 2000, SECRET, kid)) > len(legacy)
+
+
+def test_non_loopback_bind_with_open_keys_is_refused_unless_forced():
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.1.1"):
+        check_open_bind(host, SecurityConfig())
+    with pytest.raises(ValueError, match="router.host.*route and feedback.*--allow-open"):
+        check_open_bind("0.0.0.0", SecurityConfig())
+    with pytest.raises(ValueError, match="feedback"):
+        check_open_bind("10.0.0.5", SecurityConfig(route_api_keys_env="RK"))
+    check_open_bind("0.0.0.0", SecurityConfig(route_api_keys_env="RK", feedback_api_keys_env="FK"))
+    check_open_bind("0.0.0.0", SecurityConfig(allow_open_bind=True))
+
+
+def test_serve_flag_allow_open_and_the_refusal(tmp_path):
+    import argparse
+
+    from banditroute.cli.commands import serve as serve_cmd
+
+    parser = argparse.ArgumentParser()
+    serve_cmd.add_arguments(parser)
+    assert "router.security.allow_open_bind" not in serve_cmd.overrides_from_flags(parser.parse_args([]))
+    assert serve_cmd.overrides_from_flags(parser.parse_args(["--allow-open"]))["router.security.allow_open_bind"] is True
+    from banditroute.cli import main
+
+    assert main(["serve", "--frozen", "--policy", str(tmp_path), "--host", "0.0.0.0", "--storage", str(tmp_path / "s")]) != 0
 
 
 def test_config_validation_names_the_field():
@@ -132,7 +191,8 @@ def test_one_error_envelope_for_every_http_error():
     assert (routed.status, routed.field, routed.message) == (422, "candidates", "unknown model")
     # the feedback actor's answers use the same envelope
     status, body, headers = ack_to_http({"status": "unavailable", "decision_id": "d", "error": "event log down"})
-    assert status == 503 and body == error_body(503, "event log down") and headers == {"Retry-After": "1"}
+    assert status == 503 and headers == {"Retry-After": "1"}  # the details stay in the log (generic 5xx bodies)
+    assert body["error"]["type"] == "unavailable" and "incident" in body["error"]["message"] and "event log" not in body["error"]["message"]
     status, body, _ = ack_to_http({"status": "invalid", "decision_id": "d", "field": "score", "error": "score: NaN"})
     assert status == 422 and body == error_body(422, "score: NaN", "score")
 
@@ -144,7 +204,8 @@ def test_one_error_envelope_for_every_http_error():
 def secured(serve_http_port, tmp_path_factory):
     from banditroute.testkit.fuzzing import deploy_secured_app
 
-    app = deploy_secured_app(tmp_path_factory.mktemp("secured"), serve_http_port, "secured-test")
+    app = deploy_secured_app(tmp_path_factory.mktemp("secured"), serve_http_port, "secured-test",
+                             limits={"rate_limit_per_s": 1.0, "rate_limit_burst": 60})
     yield app
     app["cleanup"]()
 
@@ -213,6 +274,37 @@ def test_live_api_keys_body_limit_and_token_rejections(secured):
                           ("token_replayed", 1), ("body_too_large", 2)):
             assert counts.get(reason, 0) - before.get(reason, 0) == n, (reason, counts, before)
         assert after["api_keys"] == {"route": "2 key(s)", "feedback": "1 key(s)", "admin": "1 key(s)"} and after["signed_tokens"]
+
+
+@pytest.mark.ray
+def test_live_request_bounds_key_binding_docs_and_rate_limit(secured):
+    from banditroute.testkit.fuzzing import KEYS
+
+    base, prompt = secured["base"], secured["data"].prompts[2]
+    with _client(base, KEYS["route"]) as client, _client(base, KEYS["feedback"]) as fb:
+        token = client.post("/v1/route", json={"prompt": prompt}).json()["decision_id"]
+        assert verify(token, [os.environ["BANDITROUTE_TOKEN_SECRET"]], time.time()).key_id == api_key_id(KEYS["route"])
+        # feedback's own 16 KiB limit, well under the route limit (64 KiB in this app)
+        r = fb.post("/v1/feedback", json={"decision_id": token, "score": 0.5, "pad": "z" * 20_000})
+        assert r.status_code == 413 and r.json()["error"]["field"] == "body" and "feedback_max_body_bytes" in r.json()["error"]["message"]
+        # a dedicated feedback key (a grader) may reward any route key's decision
+        assert fb.post("/v1/feedback", json={"decision_id": token, "score": 0.5}).status_code == 200
+        for path in ("/docs", "/redoc", "/openapi.json"):  # off by default
+            r = client.get(path)
+            assert r.status_code == 404 and r.json()["error"]["field"] == "path", path
+        chat = {"model": "banditroute", "messages": [{"role": "user", "content": prompt}]}
+        for extra, field in (({"n": 3}, "n"), ({"max_tokens": 10**6}, "max_tokens"), ({"functions": []}, "functions")):
+            r = client.post("/v1/chat/completions", json=dict(chat, **extra))
+            assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+        r = client.post("/v1/route/batch", json={"prompts": ["w " * 2_500] * 8})  # 40,000 characters > max_batch_chars
+        assert r.status_code == 413 and r.json()["error"]["field"] == "prompts"
+    with _client(base, "route-key-2") as other:  # burst 60, 1/s: a burst of 75 quick calls is throttled
+        statuses = [other.get("/v1/models") for _ in range(75)]
+        limited = [r for r in statuses if r.status_code == 429]
+        assert limited and all(r.status_code in (200, 429) for r in statuses)
+        assert int(limited[0].headers["retry-after"]) >= 1 and limited[0].json()["error"]["field"] == "authorization"
+    with _client(base, KEYS["route"]) as client:
+        assert client.get("/v1/models").status_code == 200  # another key is not affected
 
 
 @pytest.mark.ray

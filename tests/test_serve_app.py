@@ -212,9 +212,11 @@ def test_chat_completion_via_replay(deployed):
     assert chunks[0]["banditroute"]["decision_id"] == decision and "banditroute" not in chunks[1]
     assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == data.responses[7, 1]
 
-    # a pool model name is passed through without routing
+    # a pool model name is served by that model in shadow mode: the router still decides and logs its own choice
     r = c.post("/v1/chat/completions", json={"model": "mid-model", "messages": messages})
-    assert r.status_code == 200 and "banditroute" not in r.json() and "x-banditroute-decision-id" not in r.headers
+    assert r.status_code == 200 and r.headers["x-banditroute-model"] == "mid-model"
+    assert r.json()["banditroute"]["model"] == "mid-model" and r.json()["banditroute"]["probability"] == 1.0
+    assert "x-banditroute-decision-id" in r.headers
     # the replay upstream does not know this prompt: its 404 is passed through
     r = c.post("/v1/chat/completions", json={"model": "mid-model", "messages": [{"role": "user", "content": "never logged"}]})
     assert r.status_code == 404 and r.json()["error"]["field"] == "messages"
@@ -409,12 +411,21 @@ def test_build_app_from_string_args(tmp_path):
     from banditroute.serve.testing import write_fixture
 
     policy_path, data_path = write_fixture(tmp_path, n=8)
-    app = build_app({"router.policy": str(policy_path), "router.num_replicas": "2", "router.max_batch_size": "32",
-                     "router.replay.enabled": "true", "router.replay.data_path": str(data_path), "router.num_gpus": "0"})
-    ingress = app._bound_deployment
+    args = {"router.policy": str(policy_path), "router.num_replicas": "2", "router.max_batch_size": "32",
+            "router.replay.enabled": "true", "router.replay.data_path": str(data_path), "router.num_gpus": "0"}
+    # The default placement (auto) decides inline for the fixture's hashing encoder on CPU: the ingress
+    # replicas decide, with the deciding replicas' count, resources and live batching knobs.
+    ingress = build_app(args)._bound_deployment
+    assert ingress.name == "RouterIngress" and ingress.init_args[0] is None  # no Router handle
+    assert ingress._deployment_config.num_replicas == 2
+    assert ingress._deployment_config.user_config == {"max_batch_size": 32, "batch_wait_timeout_s": 0.002}
+    assert ingress.ray_actor_options["num_gpus"] == 0.0
+    assert ingress.init_args[1]._bound_deployment.name == "ReplayUpstream"
+    # placement replica (strings too): RouterIngress over a Router deployment that decides
+    ingress = build_app(dict(args, **{"router.placement": "replica"}))._bound_deployment
     router = ingress.init_args[0]._bound_deployment
     assert (ingress.name, router.name) == ("RouterIngress", "Router")
-    assert router._deployment_config.num_replicas == 2
+    assert router._deployment_config.num_replicas == 2 and ingress._deployment_config.num_replicas == 1
     assert router._deployment_config.user_config == {"max_batch_size": 32, "batch_wait_timeout_s": 0.002}
     assert router.ray_actor_options["num_gpus"] == 0.0
     assert ingress.init_args[1]._bound_deployment.name == "ReplayUpstream"

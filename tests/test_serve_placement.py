@@ -6,8 +6,8 @@ deployments each placement builds. Then one live app per placement on the
 session's Ray, checked for the same guarantees: signed decision ids, every
 decision on disk before its answer, the exploration bounds, weights
 refreshed from a parameter server. The inline app takes its first weights
-from the parameter server with ``placement: auto`` (hashing encoder: decided
-inline); the replica app serves a MiniLM checkpoint, so its ingress sends
+from the parameter server with ``placement: auto`` (the default; on CPU:
+decided inline); the replica app serves a MiniLM checkpoint, so its ingress sends
 token ids and the Router replica only pads and runs the forward pass.
 """
 
@@ -65,12 +65,30 @@ def make_policy(encoder: str, seed: int):
 
 
 @pytest.mark.parametrize("placement,encoder,on_gpu,expected", [
-    ("auto", "hashing", False, "inline"), ("auto", "static", False, "inline"), ("auto", "minilm", False, "replica"),
-    ("auto", "static", True, "replica"), ("auto", None, False, "replica"), ("inline", "minilm", True, "inline"),
-    ("replica", "hashing", False, "replica"),
+    # CPU: inline for every encoder (MiniLM too: a Router only adds a hop and a process; docs/serving.md)
+    ("auto", "hashing", False, "inline"), ("auto", "static", False, "inline"), ("auto", "minilm", False, "inline"),
+    ("auto", None, False, "inline"),
+    # GPU: a cheap encoder stays inline; MiniLM, or an encoder not known yet, gets the Router deployment
+    ("auto", "static", True, "inline"), ("auto", "hashing", True, "inline"), ("auto", "minilm", True, "replica"),
+    ("auto", None, True, "replica"),
+    # explicit placements are kept
+    ("inline", "minilm", True, "inline"), ("replica", "hashing", False, "replica"),
 ])
 def test_resolve_placement(placement, encoder, on_gpu, expected):
     assert resolve_placement(placement, encoder, on_gpu) == expected
+
+
+def test_placement_default_is_auto_and_reads_the_encoder_only_on_a_gpu(monkeypatch, tmp_path):
+    from banditroute.cluster import app as app_module
+
+    assert RouterConfig().placement == "auto"
+    policy_path, _ = write_fixture(tmp_path, n=8)
+    asked = []
+    monkeypatch.setattr(app_module, "serving_encoder_name", lambda r: asked.append(r.policy) or "minilm")
+    assert app_module.placement_of(RouterConfig(policy=str(policy_path), num_gpus=0)) == "inline" and asked == []
+    gpu = RouterConfig(policy=str(policy_path), num_gpus=1)  # decides_on_gpu: device auto with a GPU reserved
+    assert app_module.placement_of(gpu) == "replica" and asked == [str(policy_path)]
+    assert app_module.deciding_deployment("inline") == "RouterIngress" and app_module.deciding_deployment("replica") == "Router"
 
 
 def test_placement_config_is_checked():

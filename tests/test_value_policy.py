@@ -185,7 +185,7 @@ def test_checkpoint_state_and_snapshot_round_trip_through_the_registry(tmp_path)
 
 
 def test_cli_trains_a_value_policy_and_evaluates_it(tmp_path, capsys):
-    data_path = make_routing_data(90).save(tmp_path / "data.csv")
+    data_path = make_routing_data(90).save(tmp_path / "data.parquet")
     assert main(["split", "--data", str(data_path), "--by", "prompt", "--out", str(tmp_path / "split")]) == 0
     common = ["--cache-dir", str(tmp_path / "cache")]
     assert main(["train", "--data", str(tmp_path / "split" / "train.parquet"), "--out", str(tmp_path / "run"),

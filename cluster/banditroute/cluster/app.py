@@ -11,9 +11,10 @@ as `banditroute serve` / `up` and the generated Serve config.
 ``router.placement`` decides the deployments: ``replica`` is RouterIngress
 over a Router deployment; ``inline`` is RouterIngress alone, each replica
 deciding itself (``num_replicas`` of them, with the Router's resources);
-``auto`` is inline for a cheap encoder (hashing, static) off GPUs, read from
-the checkpoint or the parameter server's newest weights
-(``serving_encoder_name``). ``deployment_options`` gives each deployment's
+``auto`` is inline on CPU (for every encoder: measured, docs/serving.md) and
+for a cheap encoder (hashing, static) on a GPU; MiniLM on a GPU keeps the
+Router, the encoder read from the checkpoint or the parameter server's
+newest weights (``serving_encoder_name``). ``deployment_options`` gives each deployment's
 Serve options; the generated Serve config should take them from there too.
 """
 
@@ -124,9 +125,15 @@ def serving_encoder_name(router: RouterConfig) -> str | None:
 
 
 def placement_of(router: RouterConfig) -> str:
-    """'inline' or 'replica': ``router.placement``, with 'auto' decided from the encoder and the device."""
-    encoder = serving_encoder_name(router) if router.placement == "auto" else None
-    return resolve_placement(router.placement, encoder, router.decides_on_gpu())
+    """'inline' or 'replica': ``router.placement``, with 'auto' decided from the device and (on a GPU) the encoder."""
+    on_gpu = router.decides_on_gpu()
+    encoder = serving_encoder_name(router) if router.placement == "auto" and on_gpu else None
+    return resolve_placement(router.placement, encoder, on_gpu)
+
+
+def deciding_deployment(placement: str) -> str:
+    """Name of the deployment whose replicas decide (and log) under ``placement`` ('inline' or 'replica')."""
+    return RouterIngress.name if placement == "inline" else Router.name
 
 
 def deployment_options(router: RouterConfig, placement: str) -> dict[str, dict[str, Any]]:

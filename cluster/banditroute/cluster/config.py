@@ -43,13 +43,14 @@ from banditroute.core.names import DEFAULT_PREFIX, ActorNames
 from banditroute.core.storage import StorageConfig
 from banditroute.feedback.config import FeedbackConfig
 from banditroute.learner.config import LearnerConfig
+from banditroute.policy.experiments import ExperimentConfig
 from banditroute.serve.config import RouterConfig
 
 ENV_PREFIX = "BANDITROUTE__"
 """Environment variables ``BANDITROUTE__A__B=value`` override config key ``a.b``."""
 
-DEFAULT_MAX_DECISIONS = 3000
-"""Decisions a `banditroute up` run routes by default (about 5 minutes on a 2-core CPU box with MiniLM)."""
+DEFAULT_MAX_DECISIONS = 4000
+"""Decisions a `banditroute up` run routes by default: about 5 minutes on a 2-core CPU box with MiniLM (~15 decisions/s)."""
 
 
 @dataclass
@@ -64,6 +65,11 @@ class StartConfig:
     """Ray namespace of the driver (the loop's named actors live in 'banditroute' regardless)."""
     num_cpus: int | None = None
     """Local mode: logical CPUs of the embedded Ray; None = the machine's cores."""
+    include_dashboard: bool = False
+    """Local mode: serve Ray's dashboard UI (http://127.0.0.1:8265); off saves memory (Ray still runs its API server)."""
+    keep_idle_workers: bool = False
+    """Local mode: Ray's idle Python workers (prestarted, and kept after tasks, up to one per CPU); off ends them once
+    idle, saving ~80-120 MB RSS each (replicas and actors have processes of their own; a later task waits ~1 s for one)."""
 
     def validate(self) -> None:
         if self.mode == "cluster" and not self.address:
@@ -190,6 +196,9 @@ class UpConfig:
     """Seconds to wait for the router to answer /healthz."""
     max_error_fraction: float = 0.2
     """Abort when more than this share of requests fail (after at least 50 failures)."""
+    scenario: str | None = None
+    """A scenario YAML (cluster/scenario.py: withhold, budget_usd_per_1k, events): serve the identity policy
+    given as the policy and apply the events through the admin API (cluster/scenario_run.py)."""
 
     def validate(self) -> None:
         if self.max_decisions < 0:
@@ -228,6 +237,9 @@ class AppConfig:
     """Expected USD cost of one call per pool model (model -> USD/call): feedback's default cost, identity registries."""
     up: UpConfig = field(default_factory=UpConfig)
     """`banditroute up`'s local run (replayed traffic, cold start, output); ignored by serve and build_app."""
+    experiments: list[ExperimentConfig] = field(default_factory=list)
+    """A/B experiments (name, arms with weights, a fixed ``model`` per arm or none): copied to ``router.experiments``,
+    which the replicas apply; docs/operations.md."""
 
     def validate(self) -> None:
         from banditroute.policy.model_registry import check_prices
@@ -283,6 +295,10 @@ def app_config_from_merged(merged: Mapping[str, Any]) -> AppConfig:
     """Validate merged data (``merge_app_data``) as an AppConfig; errors are ConfigErrors naming the dotted field."""
     merged = deep_merge({}, merged)
     try:
+        if merged.get("experiments") is not None:  # one section in the file; the replicas read it from router
+            router_section = merged.setdefault("router", {})
+            if isinstance(router_section, dict):
+                router_section["experiments"] = merged["experiments"]
         online = merged.get("online")
         if isinstance(online, dict):
             # The loop's parameter server is where the routers get weights: a router

@@ -34,6 +34,7 @@ from banditroute.cluster.config import AppConfig, app_config_from_merged, deep_m
 from banditroute.cluster.launch import start_ray
 from banditroute.cluster.online import OnlineLoop, has_checkpoint, start_online_loop
 from banditroute.core.config import ConfigError, set_dotted
+from banditroute.learner.config import ONLINE_KINDS
 from banditroute.policy.checkpoint import checkpoint_kind
 from banditroute.serve.config import RouterConfig
 
@@ -94,9 +95,22 @@ def check_serve(app: AppConfig) -> None:
         return
     if "://" not in seed and Path(seed).expanduser().is_dir():
         kind = checkpoint_kind(Path(seed).expanduser())
-        if kind != "barp":
-            raise ValueError(f"--policy {seed}: the online learner trains BaRP policies, this one is {kind!r}; "
-                             f"serve it as it is with --frozen")
+        if kind not in ONLINE_KINDS:
+            raise ValueError(f"--policy {seed}: the online learner trains {' and '.join(ONLINE_KINDS)} policies, this one "
+                             f"is {kind!r}; serve it as it is with --frozen")
+
+
+def seed_policy_state(app: AppConfig) -> dict[str, Any] | None:
+    """``state()`` of the starting policy (``online.initial_policy`` or ``router.policy``), of any kind the learner trains.
+
+    None without one (``start_online_loop`` then names the missing field).
+    """
+    from banditroute.policy.checkpoint import load_policy_at
+
+    seed = app.online.initial_policy or app.router.policy
+    if seed is None:
+        return None
+    return load_policy_at(seed, app.storage, field="online.initial_policy", kinds=ONLINE_KINDS).state()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -183,7 +197,12 @@ def start_application(app: AppConfig, initial_state: dict[str, Any] | None = Non
     running = RunningApplication(app, app.router, owns_ray=owns_ray)
     try:
         if app.online.enabled:
+            seeded = initial_state is None and not has_checkpoint(app.storage, app.learner)
+            if seeded:  # loaded here, not in start_online_loop: a seed of any kind the learner trains
+                initial_state = seed_policy_state(app)
             running.loop = start_online_loop(app, initial_state)
+            if seeded and initial_state is not None:
+                running.loop.started_from = app.online.initial_policy or app.router.policy
             running.router = running.loop.router
         router = running.router
         port = serve_http_port()

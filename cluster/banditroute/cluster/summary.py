@@ -143,6 +143,18 @@ def gate_summary(promotion: Mapping[str, Any], checks: Sequence[Mapping[str, Any
     }
 
 
+def experiments_summary(experiments: Sequence[Any], storage_uri: str, tau: float) -> dict[str, Any]:
+    """summary.json's ``experiments``: per experiment and arm, from the run's decision and event logs
+    (policy.experiments.experiment_report; ``{"experiments": []}`` without experiments)."""
+    from banditroute.policy.experiments import experiment_report
+    from banditroute.serve.experiments import read_experiment_rows
+
+    if not experiments:
+        return {"experiments": []}
+    decisions, events = read_experiment_rows(storage_uri)
+    return experiment_report(experiments, decisions, events, tau)
+
+
 def percentiles(values: Sequence[float]) -> dict[str, float] | None:
     if not len(values):
         return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
@@ -42,6 +42,8 @@ class TrafficState:
         """Per decision: the w_cost preference it was sent with."""
         self.times: list[float] = []
         """Per decision: wall-clock time it was answered (places the learner's gate checks on the decision axis)."""
+        self.costs: list[float] = []
+        """Per decision: the USD the driver charged for it (the data's cost, times a scenario's price factor)."""
         self.reward_curve: list[list[float]] = []
         self.route_ms: list[float] = []
         self.feedback_ms: list[float] = []
@@ -49,7 +51,7 @@ class TrafficState:
         self._recent_sum = 0.0
         self.started = time.monotonic()
 
-    def record(self, reward: float, model_index: int, version: int, row: int, w_cost: float) -> None:
+    def record(self, reward: float, model_index: int, version: int, row: int, w_cost: float, cost: float = float("nan")) -> None:
         if len(self._recent) == self._recent.maxlen:
             self._recent_sum -= self._recent[0]
         self._recent.append(reward)
@@ -61,6 +63,7 @@ class TrafficState:
         self.rows.append(row)
         self.w_costs.append(w_cost)
         self.times.append(time.time())
+        self.costs.append(cost)
 
     @property
     def running_reward(self) -> float:
@@ -89,8 +92,18 @@ async def drive_traffic(
     seed: int,
     max_error_fraction: float,
     stop: asyncio.Event,
+    *,
+    post_feedback: bool = True,
+    price_factors: dict[str, float] | None = None,
+    before_request: Callable[[Any], Awaitable[None]] | None = None,
 ) -> None:
-    """Route random prompts (explore, random preference), post each chosen model's logged outcome."""
+    """Route random prompts (explore, random preference), post each chosen model's logged outcome.
+
+    Scenario runs (cluster/scenario_run.py): ``post_feedback`` False for a router that takes none
+    (frozen); ``price_factors`` {model: x} multiplies the logged cost the driver charges (read at each
+    decision: a price event changes it); ``before_request(client)`` is awaited before each request
+    is claimed (scripted events; it may block every worker while it changes the pool).
+    """
     import httpx
 
     from banditroute.policy.reward import reward
@@ -111,6 +124,10 @@ async def drive_traffic(
 
         async def worker() -> None:
             while not stop.is_set() and (max_decisions == 0 or state.claimed < max_decisions):
+                if before_request is not None:
+                    await before_request(client)
+                    if max_decisions and state.claimed >= max_decisions:
+                        break
                 state.claimed += 1
                 row = int(rng.integers(len(data)))
                 w = float(rng.uniform(0.0, 1.0))
@@ -137,10 +154,12 @@ async def drive_traffic(
                     continue
                 state.route_ms.append((time.perf_counter() - t0) * 1000.0)
                 k = data_index[decision["model"]]
-                score, cost = float(scores[row, k]), float(costs[row, k])
-                state.record(float(reward(score, cost, w, tau)), k, int(decision.get("policy_version", -1)), row, w)
+                score, cost = float(scores[row, k]), float(costs[row, k]) * (price_factors or {}).get(decision["model"], 1.0)
+                state.record(float(reward(score, cost, w, tau)), k, int(decision.get("policy_version", -1)), row, w, cost)
                 if state.decisions % curve_every == 0:
                     state.curve_point()
+                if not post_feedback:
+                    continue
                 t0 = time.perf_counter()
                 try:
                     fb = await client.post("/v1/feedback", json={"decision_id": decision["decision_id"], "score": score, "cost": cost})

@@ -44,7 +44,8 @@ from banditroute.cluster.runner import (  # noqa: F401  (free_port, wait_healthy
     RunningApplication, absolute_local_storage, free_port, running_application, wait_healthy,
 )
 from banditroute.cluster.summary import (
-    compare_with_fixed_models, gate_checks, gate_summary, percentiles, promotions_from_versions, verdict_line,
+    compare_with_fixed_models, experiments_summary, gate_checks, gate_summary, percentiles, promotions_from_versions,
+    verdict_line,
 )
 from banditroute.cluster.traffic import TrafficState, drive_traffic
 from banditroute.core.config import ConfigError, from_dict
@@ -58,6 +59,8 @@ UP_DEFAULTS: dict[str, Any] = {
         "weights_poll_timeout_s": 5.0,
     },
     "online": {"enabled": True, "learner_num_cpus": 0.0, "feedback_num_cpus": 0.0},
+    # The value learner: measured above BaRP's on the same traffic (docs/online_learning.md, "Both learners online").
+    "up": {"cold_start": {"kind": "value"}},
 }
 """`banditroute up`'s defaults, under the config file: ``router.port`` 0 = a free port (or the running Serve's)."""
 
@@ -99,6 +102,10 @@ def check_up(app: AppConfig) -> None:
 
 def run_up(app: AppConfig) -> dict[str, Any]:
     """Start everything, drive traffic, stop, write summary.json and learning_curve.png; returns the summary."""
+    if app.up.scenario is not None:  # a scripted run over an identity policy (cluster/scenario_run.py)
+        from banditroute.cluster.scenario_run import run_scenario
+
+        return run_scenario(app)
     check_up(app)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     from banditroute.core.data import load_routing_data, resolve_data_path
@@ -226,9 +233,12 @@ def _summary(app: AppConfig, loop: OnlineLoop, state: TrafficState, policy, driv
         "feedback": {k: v for k, v in fb_stats.items() if k != "last_learner_metrics"},
         "traffic_share_final": state.share(state.window),
         "encoder": policy.meta.encoder.name,
+        "policy_kind": policy.kind,
         "replicas": app.router.num_replicas,
         "cold_start": (app.online.initial_policy or app.router.policy) is None,
         "storage": ray.get(loop.feedback.log_uri.remote()),
+        "experiments": experiments_summary(app.router.experiments, ray.get(loop.feedback.log_uri.remote()),
+                                           policy.tau)["experiments"],
         "checkpoint": checkpoint,
         "tau": policy.tau,
     }

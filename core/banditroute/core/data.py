@@ -28,7 +28,9 @@ import pandas as pd
 COST_SUFFIX = "|total_cost"
 RESPONSE_SUFFIX = "|model_response"
 REQUIRED_COLUMNS = ("sample_id", "prompt", "eval_name")
-SUPPORTED_SUFFIXES = (".parquet", ".csv", ".pkl", ".pickle")
+# Parquet only: a pickle runs code when it is read, and text formats lose types. Convert other files once,
+# in a trusted environment (``pd.read_csv(...).to_parquet(...)``).
+SUPPORTED_SUFFIXES = (".parquet",)
 
 # The real RouterBench release, used only when no local data is configured.
 ROUTERBENCH_HF_REPO = "withmartian/routerbench"
@@ -123,18 +125,11 @@ class RoutingData:
         return pd.DataFrame(columns)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the wide layout to .parquet, .csv or .pkl (by suffix)."""
+        """Write the wide layout to a .parquet file (the only format :func:`load_routing_data` reads)."""
         path = Path(path)
+        _check_suffix(path, "path")
         path.parent.mkdir(parents=True, exist_ok=True)
-        frame = self.to_frame()
-        if path.suffix == ".parquet":
-            frame.to_parquet(path, index=False)
-        elif path.suffix == ".csv":
-            frame.to_csv(path, index=False)
-        elif path.suffix in (".pkl", ".pickle"):
-            frame.to_pickle(path)
-        else:
-            raise DataError(f"{path}: unsupported suffix; use one of {SUPPORTED_SUFFIXES}")
+        self.to_frame().to_parquet(path, index=False)
         return path
 
     def fingerprint(self) -> str:
@@ -149,22 +144,24 @@ class RoutingData:
         return h.hexdigest()[:16]
 
 
-def read_frame(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a wide-layout table from .parquet, .csv or .pkl."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
+def _check_suffix(path: Path, field_name: str) -> None:
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
+    if suffix not in SUPPORTED_SUFFIXES:
+        hint = " (pickles are refused: reading one can run arbitrary code)" if suffix in (".pkl", ".pickle") else ""
+        raise DataError(f"{field_name}: {path}: unsupported file type {suffix or '(none)'!r}{hint}; "
+                        f"routing data must be Parquet ({', '.join(SUPPORTED_SUFFIXES)})")
+
+
+def read_frame(path: str | os.PathLike, field_name: str = "data") -> pd.DataFrame:
+    """Read a wide-layout table from a Parquet file; ``field_name`` names the option it came from in errors."""
+    path = Path(path)
+    _check_suffix(path, field_name)
+    if not path.exists():
+        raise DataError(f"{field_name}: {path}: no such file")
+    try:
         return pd.read_parquet(path)
-    if suffix == ".csv":
-        return pd.read_csv(path, keep_default_na=True)
-    if suffix in (".pkl", ".pickle"):
-        frame = pd.read_pickle(path)
-        if not isinstance(frame, pd.DataFrame):
-            raise DataError(f"{path}: the pickle holds a {type(frame).__name__}, not a DataFrame")
-        return frame
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {SUPPORTED_SUFFIXES}")
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: not a Parquet file
+        raise DataError(f"{field_name}: {path}: not a readable Parquet file ({exc})") from None
 
 
 def frame_to_routing_data(frame: pd.DataFrame, source: str = "") -> RoutingData:
@@ -229,9 +226,9 @@ def frame_to_routing_data(frame: pd.DataFrame, source: str = "") -> RoutingData:
     )
 
 
-def load_routing_data(path: str | os.PathLike) -> RoutingData:
-    """Load and validate a wide-layout file (.parquet, .csv or .pkl)."""
-    return frame_to_routing_data(read_frame(path), source=str(path))
+def load_routing_data(path: str | os.PathLike, field_name: str = "data") -> RoutingData:
+    """Load and validate a wide-layout Parquet file (``field_name``: the option named in errors)."""
+    return frame_to_routing_data(read_frame(path, field_name), source=str(path))
 
 
 def default_data_dir() -> Path | None:
@@ -244,17 +241,24 @@ def default_data_dir() -> Path | None:
 
 
 def resolve_data_path(path: str | os.PathLike | None, default_name: str = "routerbench/train.parquet") -> Path:
-    """Explicit path, else ``<shared data>/<default_name>``, else the RouterBench download."""
+    """Explicit path, else ``<shared data>/<default_name>``; DataError when neither exists."""
     if path is not None:
         return Path(path)
     data_dir = default_data_dir()
     if data_dir is not None and (data_dir / default_name).exists():
         return data_dir / default_name
-    return download_routerbench()
+    # The Hub release is a pickle, which is never read here (reading one runs code): no silent download.
+    raise DataError(f"data: no local routing data (looked for ../shared/data/{default_name}); pass --data PATH to a "
+                    f"Parquet file. {ROUTERBENCH_HF_REPO}/{ROUTERBENCH_HF_FILE} is a pickle: convert it once, in a "
+                    f"trusted environment, with pd.read_pickle(...).to_parquet(...)")
 
 
 def download_routerbench(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Fetch the RouterBench pickle from the Hugging Face hub (needs network access)."""
+    """Fetch the RouterBench pickle from the Hugging Face hub (needs network access) for a one-off conversion.
+
+    banditroute never reads the pickle itself (:func:`read_frame` is Parquet-only); convert it in a trusted
+    environment and pass the Parquet file.
+    """
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub ships with transformers

@@ -64,6 +64,23 @@ class DecisionRecord:
     served_model: str | None = None
     """Model that actually answered when it was not chosen_model (the upstream failed, the fallback answered); None = chosen_model.
     Its outcome says nothing about chosen_model, so the learner and OPE skip such events."""
+    registry_version: int | None = None
+    """Version of the model registry (pool, identities, prices) the decision was made with; None = a fixed-pool policy
+    or a decision logged before the column existed."""
+    override: str = ""
+    """Who set chosen_model when the policy did not: '' (the policy decided), 'experiment' (a fixed-model arm),
+    'shadow' (the request named the model). Then probability is 1 (the logging policy was that choice) and the
+    policy's own choice is in router_model / router_probability."""
+    router_model: str | None = None
+    """The policy's own choice when an override served another model (shadow mode, fixed arms); None otherwise."""
+    router_probability: float | None = None
+    """Probability of router_model under the policy (explore mode: its sampling probability)."""
+    experiment: str = ""
+    """Experiment that enrolled this request ('' = none)."""
+    arm: str = ""
+    """Arm of ``experiment`` the request was assigned to."""
+    tenant: str = ""
+    """Tenant of the API key that sent the request ('' = no tenant)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,8 +121,7 @@ class JoinedEvent:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "JoinedEvent":
-        decision_fields = {f.name for f in fields(DecisionRecord)}
-        decision = DecisionRecord(**{k: row[k] for k in decision_fields if k in row})
+        decision = DecisionRecord(**_record_fields(row))
         return cls(decision, float(row["score"]), float(row["cost"]), float(row["reward_time"]), str(row["join_status"]))
 
 
@@ -125,8 +141,19 @@ DECISION_SCHEMA = pa.schema(
         ("prompt_sha256", pa.string()),
         ("upstream_cost", pa.float64()),
         ("served_model", pa.string()),
+        ("registry_version", pa.int64()),
+        # Operations columns (issue 16); null in older logs, read back as their defaults (_record_fields).
+        ("override", pa.string()),
+        ("router_model", pa.string()),
+        ("router_probability", pa.float64()),
+        ("experiment", pa.string()),
+        ("arm", pa.string()),
+        ("tenant", pa.string()),
     ]
 )
+
+OPTIONAL_TEXT_COLUMNS = ("override", "experiment", "arm", "tenant")
+"""Text columns added after the first logs: null in older parts, read back as ''."""
 
 EVENT_SCHEMA = pa.schema(
     list(DECISION_SCHEMA)
@@ -160,8 +187,18 @@ def decisions_to_table(records: Sequence[DecisionRecord]) -> pa.Table:
     return pa.Table.from_arrays([arrays[f.name] for f in DECISION_SCHEMA], schema=DECISION_SCHEMA)
 
 
+def _record_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """A decision row as DecisionRecord keyword arguments: columns it lacks (older logs) keep their defaults."""
+    known = {f.name for f in fields(DecisionRecord)}
+    out = {k: v for k, v in row.items() if k in known}
+    for name in OPTIONAL_TEXT_COLUMNS:
+        if out.get(name) is None:
+            out[name] = ""
+    return out
+
+
 def decisions_from_table(table: pa.Table) -> list[DecisionRecord]:
-    return [DecisionRecord(**row) for row in table.to_pylist()]
+    return [DecisionRecord(**_record_fields(row)) for row in table.to_pylist()]
 
 
 def events_to_table(events: Sequence[JoinedEvent]) -> pa.Table:

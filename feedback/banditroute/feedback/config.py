@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import math
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from banditroute.core.storage import StorageConfig
 from banditroute.feedback.join import JoinConfig
+
+# Key prefix of the default spool inside the log's storage root (beside events/, decisions/, late_rewards/).
+SPOOL_PREFIX = "spool"
 
 
 @dataclass
@@ -39,8 +41,12 @@ class FeedbackConfig:
     """Seconds between window-expiry sweeps."""
     recover_on_start: bool = True
     """Rebuild pending/finished decisions from the logs when the actor starts."""
+    spool_uri: str | None = None
+    """Where log parts wait while the log's storage refuses writes (acknowledged once there, drained in order when it returns): a storage URI or path that EVERY node the feedback actor may run on reaches (a second bucket, a shared RWX mount), never a node's own disk; None = the log's storage under ``spool/`` (shared by construction; buffers single failed writes, not a whole outage)."""
+    spool_endpoint_url: str | None = None
+    """S3-compatible endpoint for an s3:// ``spool_uri`` (None: the log storage's); credentials and timeouts are the log storage's."""
     spool_dir: str | None = None
-    """Local folder for log parts written while storage is unavailable (fsync'd, drained in order when it returns); None = <temp dir>/banditroute-spool/<hash of the log URI>, which a restarted actor on the same node finds again."""
+    """Deprecated name of ``spool_uri`` (a folder path, which must be shared by every node, not an emptyDir)."""
     spool_max_events: int = 100_000
     """Most rows (events + decisions) waiting in the spool; beyond it rewards get 503 'event buffer full' and decision batches fail (0 = no spool: a write storage refuses answers 'unavailable')."""
     spool_drain_interval_s: float = 1.0
@@ -58,15 +64,20 @@ class FeedbackConfig:
             raise ValueError("feedback.spool_drain_interval_s must be > 0")
         if self.spool_max_events < 0:
             raise ValueError("feedback.spool_max_events must be >= 0")
-        if self.spool_dir is not None and not str(self.spool_dir).strip():
-            raise ValueError("feedback.spool_dir must be a folder path or null")
+        for name in ("spool_uri", "spool_dir", "spool_endpoint_url"):
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                raise ValueError(f"feedback.{name} must be a storage URI/path or null")
+        if self.spool_uri is not None and self.spool_dir is not None:
+            raise ValueError("feedback.spool_dir is the deprecated name of feedback.spool_uri: set only spool_uri")
         for name in ("max_rows_per_part", "learner_batch_size", "learner_max_batch", "learner_max_backlog"):
             if getattr(self, name) < 1:
                 raise ValueError(f"feedback.{name} must be >= 1")
 
-    def spool_dir_for(self, log_uri: str) -> str:
-        """``spool_dir``, or <temp dir>/banditroute-spool/<hash of the log URI>: stable across restarts on one node, one per log."""
-        if self.spool_dir:
-            return self.spool_dir
-        digest = hashlib.sha256(log_uri.encode("utf-8")).hexdigest()[:16]
-        return str(Path(tempfile.gettempdir()) / "banditroute-spool" / digest)
+    def spool_storage_for(self, log_storage: StorageConfig) -> StorageConfig:
+        """The spool's storage: ``spool_uri`` (or the deprecated ``spool_dir``) with the log storage's credentials,
+        else the log's own root under ``spool/``. Never node-local by default: see feedback/spool.py."""
+        uri = self.spool_uri or self.spool_dir
+        if not uri:
+            return dataclasses.replace(log_storage, uri=log_storage.uri.rstrip("/") + "/" + SPOOL_PREFIX)
+        return dataclasses.replace(log_storage, uri=str(uri), endpoint_url=self.spool_endpoint_url or log_storage.endpoint_url)

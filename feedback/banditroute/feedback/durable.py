@@ -1,10 +1,10 @@
-"""Durable log writes that survive a storage outage: the log, or the local spool until storage returns.
+"""Durable log writes that survive a storage outage: the log, or the shared spool until storage returns.
 
 :class:`SpoolingWriter` is what the feedback service's group committers
 call (in a worker thread). While storage answers, a part goes straight to
 the event log. When storage refuses (``StorageUnavailable``), the part goes
-to the bounded, fsync'd :class:`~banditroute.feedback.spool.LocalSpool`
-under the key it would have had in the log, and later parts queue behind it
+to the bounded :class:`~banditroute.feedback.spool.Spool` on shared
+storage under the key it would have had in the log, and later parts queue behind it
 so the log keeps its order; :meth:`SpoolingWriter.drain` copies them to the
 log, oldest first, once storage answers again.
 """
@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from banditroute.core.storage import StorageUnavailable
 from banditroute.feedback.log import EventLog
-from banditroute.feedback.spool import LocalSpool, table_to_parquet_bytes
+from banditroute.feedback.spool import Spool, table_to_parquet_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ _NO_SPOOL_STATS = {"spooled": 0, "drained": 0, "spool_full_rejections": 0, "spoo
 class SpoolingWriter:
     """Writes log parts to ``log``, or to ``spool`` while storage is unavailable (None: no spool, errors propagate)."""
 
-    def __init__(self, log: EventLog, spool: LocalSpool | None):
+    def __init__(self, log: EventLog, spool: Spool | None):
         self.log = log
         self.spool = spool
         self.storage_errors = 0
@@ -40,7 +40,7 @@ class SpoolingWriter:
         self.last_storage_error = str(exc)[:500]
 
     def write(self, prefix: str, part: pa.Table) -> str:
-        """Write one part to the log, or to the local spool while storage is unavailable; returns its log key.
+        """Write one part to the log, or to the spool while the log's storage is unavailable; returns its log key.
 
         While parts wait in the spool, new parts queue behind them (no storage
         call per request during an outage; the drain keeps the log's order).
@@ -59,7 +59,8 @@ class SpoolingWriter:
                 return key
             except StorageUnavailable as exc:
                 self.note_storage_error(exc)
-                logger.warning("storage unavailable; spooling %s parts locally until it returns (%s)", prefix, exc)
+                logger.warning("storage unavailable; spooling %s parts to %s until it returns (%s)", prefix,
+                               self.spool.location, exc)
         self.spool.put(key, table_to_parquet_bytes(part), part.num_rows)
         return key
 
@@ -72,11 +73,23 @@ class SpoolingWriter:
         if self.spool is None:
             return 0
         drained = 0
+        try:
+            self.spool.load()
+        except StorageUnavailable as exc:  # the spool's own storage is down: try again next time
+            self.note_storage_error(exc)
+            return 0
         for key in self.spool.keys():
-            data = self.spool.read_bytes(key)
+            try:
+                data = self.spool.read_bytes(key)
+            except FileNotFoundError:  # another drain (an old instance of the actor) moved it already
+                self.spool.forget(key)
+                continue
+            except StorageUnavailable as exc:
+                self.note_storage_error(exc)
+                break
             try:
                 self.log.write_part(key, data)
-            except StorageUnavailable as exc:
+            except StorageUnavailable as exc:  # the part stays; the next drain repeats it
                 self.note_storage_error(exc)
                 break
             before = self.spool.drained
@@ -87,7 +100,7 @@ class SpoolingWriter:
     def stats(self) -> dict[str, Any]:
         return {
             **(self.spool.stats() if self.spool is not None else _NO_SPOOL_STATS),
-            "spool_dir": str(self.spool.directory) if self.spool is not None else None,
+            "spool_location": self.spool.location if self.spool is not None else None,
             "storage_errors": self.storage_errors,
             "last_storage_error": self.last_storage_error,
         }

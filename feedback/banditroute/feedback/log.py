@@ -1,42 +1,40 @@
-"""The durable feedback log: Arrow record batches appended as Parquet part files.
+"""The durable feedback log's writer (and its readers): Arrow record batches appended as Parquet part files.
 
-Three append-only streams under one storage root (local folder or S3,
-through :mod:`banditroute.core.storage`):
-
-====================  ========================  =====================================
-prefix                schema                    what
-====================  ========================  =====================================
-``events/``           ``records.EVENT_SCHEMA``  joined events (rewarded + defaulted):
-                                                what the learner trains on and OPE reads
-``decisions/``        ``records.DECISION_SCHEMA``  every decision recorded, so pending
-                                                decisions survive a restart
-``late_rewards/``     :data:`LATE_SCHEMA`       rewards that came after the window
-                                                (audit only, never trained on)
-====================  ========================  =====================================
-
-Part files are Hive-partitioned by UTC hour and named by write time, so
-``pyarrow.dataset``/Spark/Athena read the log as one table, and recovery
-lists only the hours it needs::
-
-    events/dt=2025-11-26/hr=14/part-1764166800123-<writer>-00000042.parquet
+The layout (three streams ``events/``, ``decisions/``, ``late_rewards/``,
+Hive-partitioned by UTC hour, parts named by write time) is defined in
+:mod:`banditroute.core.event_log`, shared with the learner's log cursor;
+the names are re-exported here for the feedback side.
 
 Every part is written in ONE atomic storage write (local: temp file +
 fsync + rename; S3: one PUT), and the feedback actor acknowledges a reward
-only after the part holding it has been written.
+only after the part holding it has been written. The learner trusts that:
+its cursor (:mod:`banditroute.learner.log_cursor`) trains on every
+committed part the pushed batches missed.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from banditroute.core.event_log import (  # noqa: F401 - re-exported: the feedback side's names for the layout
+    DECISIONS_PREFIX,
+    EVENTS_PREFIX,
+    LATE_PREFIX,
+    LATE_SCHEMA,
+    conform as _conform,
+    first_per_decision,
+    list_parts,
+    part_key,
+    part_time,
+    read_parts,
+    sort_parts,
+)
 from banditroute.core.records import (
     DECISION_SCHEMA,
     EVENT_SCHEMA,
@@ -47,35 +45,6 @@ from banditroute.core.records import (
     events_to_table,
 )
 from banditroute.core.storage import Storage, StorageConfig, open_storage
-
-EVENTS_PREFIX = "events"
-DECISIONS_PREFIX = "decisions"
-LATE_PREFIX = "late_rewards"
-
-LATE_SCHEMA = pa.schema(
-    [
-        ("decision_id", pa.string()),
-        ("score", pa.float64()),
-        ("cost", pa.float64()),
-        ("time", pa.float64()),
-        ("finished_as", pa.string()),
-    ]
-)
-
-_PART_RE = re.compile(r"part-(\d{13})-")
-# Scanning hour folders one by one is only worth it for short look-backs.
-_MAX_HOURS_SCANNED = 72
-
-
-def _hour_folder(prefix: str, ts: float) -> str:
-    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
-    return f"{prefix}/dt={dt:%Y-%m-%d}/hr={dt:%H}"
-
-
-def part_time(key: str) -> float | None:
-    """Write time (unix seconds) encoded in a part key, or None for foreign files."""
-    m = _PART_RE.search(key.rsplit("/", 1)[-1])
-    return int(m.group(1)) / 1000.0 if m else None
 
 
 class EventLog:
@@ -94,7 +63,7 @@ class EventLog:
 
     def _part_key(self, prefix: str, now: float) -> str:
         self._seq += 1
-        return f"{_hour_folder(prefix, now)}/part-{int(now * 1000):013d}-{self.writer_id}-{self._seq:08d}.parquet"
+        return part_key(prefix, now, self.writer_id, self._seq)
 
     def part_key(self, prefix: str, now: float | None = None) -> str:
         """A fresh key for a part of stream ``prefix`` (what a spooled part will be called in the log)."""
@@ -130,20 +99,7 @@ class EventLog:
 
     def list_parts(self, prefix: str, since: float | None = None, now: float | None = None) -> list[str]:
         """Part keys of one stream in write order; with ``since``, only parts written at or after it."""
-        now = time.time() if now is None else now
-        if since is None or (now - since) > _MAX_HOURS_SCANNED * 3600:
-            keys = self.storage.list(prefix)
-        else:
-            keys = []
-            hour = datetime.fromtimestamp(since, tz=timezone.utc).replace(minute=0, second=0, microsecond=0)
-            end = datetime.fromtimestamp(now, tz=timezone.utc) + timedelta(hours=1)
-            while hour <= end:
-                keys += self.storage.list(_hour_folder(prefix, hour.timestamp()))
-                hour += timedelta(hours=1)
-        keys = [k for k in keys if k.endswith(".parquet")]
-        if since is not None:
-            keys = [k for k in keys if (part_time(k) or 0.0) >= since]
-        return sorted(keys, key=lambda k: (part_time(k) or 0.0, k))
+        return list_parts(self.storage, prefix, since, now)
 
     def read(self, prefix: str, schema: pa.Schema, since: float | None = None, columns: Sequence[str] | None = None) -> pa.Table:
         keys = self.list_parts(prefix, since)
@@ -173,45 +129,6 @@ class EventLog:
         return total
 
 
-def first_per_decision(table: pa.Table) -> pa.Table:
-    """``table`` without repeated decision ids (the first row of each is kept; needs a decision_id column)."""
-    if "decision_id" not in table.column_names or table.num_rows < 2:
-        return table
-    seen: set[str] = set()
-    keep = []
-    for did in table.column("decision_id").to_pylist():
-        keep.append(did not in seen)
-        seen.add(did)
-    return table if all(keep) else table.filter(pa.array(keep))
-
-
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` in ``schema``'s column order and types; a nullable column it lacks (a part written
-    before that column existed, e.g. served_model) is all nulls."""
-    columns = []
-    for f in schema:
-        if f.name in table.column_names:
-            columns.append(table.column(f.name).cast(f.type))
-        elif f.nullable:
-            columns.append(pa.nulls(len(table), f.type))
-        else:
-            raise KeyError(f"log part lacks the required column {f.name!r}")
-    return pa.Table.from_arrays(columns, schema=schema) if columns else schema.empty_table()
-
-
-def read_parts(storage: Storage, keys: Iterable[str], schema: pa.Schema, columns: Sequence[str] | None = None) -> pa.Table:
-    """Concatenate Parquet parts (cast to ``schema``); an empty table when there are none."""
-    target = schema if columns is None else pa.schema([schema.field(c) for c in columns])
-    tables = []
-    for key in keys:
-        part = pq.ParquetFile(pa.BufferReader(storage.read_bytes(key)))
-        present = set(part.schema_arrow.names)
-        tables.append(_conform(part.read(columns=[c for c in target.names if c in present]), target))
-    if not tables:
-        return target.empty_table()
-    return pa.concat_tables(tables)
-
-
 def read_event_log(location: str, endpoint_url: str | None = None) -> pa.Table:
     """Joined events from a log root, its ``events/`` folder, or a single Parquet file (path or URI).
 
@@ -230,4 +147,4 @@ def read_event_log(location: str, endpoint_url: str | None = None) -> pa.Table:
     keys = events or [k for k in keys if not k.startswith((DECISIONS_PREFIX + "/", LATE_PREFIX + "/"))]
     if not keys:
         raise FileNotFoundError(f"{location}: no Parquet event files found")
-    return first_per_decision(read_parts(storage, sorted(keys, key=lambda k: (part_time(k) or 0.0, k)), EVENT_SCHEMA))
+    return first_per_decision(read_parts(storage, sort_parts(keys), EVENT_SCHEMA))

@@ -18,8 +18,8 @@ asyncio so its ordering guarantees are tested without a cluster:
 4. A sweep closes expired windows (default reward or drop) every
    ``sweep_interval_s``.
 5. Storage outages: a write that storage refuses (``StorageUnavailable``)
-   goes to a bounded, fsync'd spool on local disk (``durable.py``,
-   ``spool.py``) and is acknowledged from there; a background loop drains
+   goes to a bounded spool on shared storage (``durable.py``, ``spool.py``;
+   any node's actor sees it) and is acknowledged from there; a background loop drains
    the spool to the log in order when storage answers again. A full spool
    is back-pressure: rewards answer 'unavailable' ("event buffer full ...")
    and decision batches raise (the replicas answer 503).
@@ -27,8 +27,9 @@ asyncio so its ordering guarantees are tested without a cluster:
 Recovery (``recover()``, at start; ``recovery.py``) rebuilds the join state
 from the logs and the spool. Acknowledged events are in the log by
 construction; events acknowledged but not yet delivered to the learner when
-the process died are NOT re-sent to the learner (at-most-once to the
-learner, exactly once in the log; OPE and offline retraining read the log).
+the process died are NOT re-sent by this service (at-most-once push, exactly
+once in the log); the learner's cursor over the committed log trains on
+them (learner/log_cursor.py).
 
 All timing (windows, batch delay, grace, back-off, loop intervals) reads
 the injected :class:`~banditroute.feedback.clock.Clock`.
@@ -51,7 +52,8 @@ from banditroute.feedback.durable import SpoolingWriter
 from banditroute.feedback.join import RewardJoiner, RewardStatus, RewardValidationError
 from banditroute.feedback.log import DECISIONS_PREFIX, EVENTS_PREFIX, LATE_PREFIX, LATE_SCHEMA, EventLog
 from banditroute.feedback.recovery import JoinRecovery
-from banditroute.feedback.spool import LocalSpool, SpoolFull
+from banditroute.feedback.late import LateLedger
+from banditroute.feedback.spool import Spool, SpoolFull, open_spool
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +73,10 @@ class FeedbackService:
         self.log = log
         self.clock: Clock = clock or SystemClock()
         self.joiner = RewardJoiner(config.join)
-        spool = None
-        if config.spool_max_events > 0:
-            spool = LocalSpool(config.spool_dir_for(log.storage.uri_for()), config.spool_max_events)
-        self.writer = SpoolingWriter(log, spool)
-        self.recovery = JoinRecovery(self.joiner, config.join, self.writer)
+        self.writer = SpoolingWriter(log, open_spool(config, log.storage))
+        # One late row per decision: replays of a late reward are answered, not logged again.
+        self.late = LateLedger(config.join.remember_s + config.join.window_s, config.join.max_remembered)
+        self.recovery = JoinRecovery(self.joiner, config.join, self.writer, self.late)
         self.delivery = LearnerDelivery(config, deliver if config.send_to_learner else None, self.clock)
         self._events = GroupCommitter(self._write_events, config.event_flush_wait_s, config.max_rows_per_part, sleep=self.clock.sleep)
         self._decisions = GroupCommitter(self._write_decisions, config.decision_flush_wait_s, config.max_rows_per_part,
@@ -86,7 +87,7 @@ class FeedbackService:
         self._tasks: list[asyncio.Task] = []
 
     @property
-    def spool(self) -> LocalSpool | None:
+    def spool(self) -> Spool | None:
         return self.writer.spool
 
     # --- lifecycle ------------------------------------------------------------
@@ -183,6 +184,9 @@ class FeedbackService:
         """Join, make durable, then acknowledge. Returns {"status": ..., "decision_id": ...}."""
         self.start()
         did = reward.decision_id
+        if self.recovery.blocks_all and isinstance(did, str) and did:
+            return {"status": "unavailable", "decision_id": did,
+                    "error": "recovering join state: the spool's storage is unavailable; retry"}
         if self.recovery.pending and isinstance(did, str) and did and not self.joiner.knows(did):
             # The log that says whether this id was rewarded before the restart cannot be read yet.
             return {"status": "unavailable", "decision_id": did,
@@ -235,9 +239,12 @@ class FeedbackService:
             return {"status": "duplicate", "decision_id": did}
         if outcome.status is RewardStatus.LATE:
             why = outcome.finished_as.value if outcome.finished_as is not None else "defaulted"
+            if not self.late.claim(did, self.clock.now()):
+                return {"status": "late", "decision_id": did, "finished_as": why, "already_logged": True}
             try:
                 await self._late.submit([(reward, why)])
             except Exception as exc:  # noqa: BLE001
+                self.late.release(did)
                 return {"status": "unavailable", "decision_id": did, "error": f"late-reward log write failed: {exc}"}
             return {"status": "late", "decision_id": did, "finished_as": why}
         return {"status": "unknown", "decision_id": did, "error": f"decision_id: no decision {did!r} is known (never recorded, or forgotten)"}
@@ -294,6 +301,7 @@ class FeedbackService:
             **self.writer.stats(),
             "recovery_pending": self.recovery.pending,
             "late_log_rows": self._late.items_written,
+            "late_repeats_not_logged": self.late.repeats,
             **self.delivery.stats(),
             "recovered": dict(self.recovery.recovered),
         }

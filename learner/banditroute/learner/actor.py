@@ -55,19 +55,23 @@ from banditroute.learner.checkpoint import (
     write_promotion_state,
 )
 from banditroute.learner.config import LearnerConfig
-from banditroute.learner.learner import OnlineLearner, mint_version
+from banditroute.learner.drift import DriftGuard
+from banditroute.learner.learner import mint_version
+from banditroute.learner.log_follower import LogFollower
+from banditroute.learner.registry import resume_or_start_learner
 from banditroute.core.names import NAMESPACE, PARAMETER_SERVER_NAME
 from banditroute.learner.promotion import HoldoutBuffer, evaluate_candidate, split_holdout
-from banditroute.policy.barp import BarpPolicy
+from banditroute.policy.base import RoutingPolicy
+from banditroute.policy.checkpoint import policy_from_snapshot, policy_from_state
 from banditroute.core.records import WeightsSnapshot
 from banditroute.core.storage import StorageConfig, open_storage
 
 logger = logging.getLogger(__name__)
 
 
-def _clone(policy: BarpPolicy) -> BarpPolicy:
-    """An independent copy (the candidate keeps training; the copy must not move with it)."""
-    return BarpPolicy.from_snapshot(policy.snapshot())
+def _clone(policy: RoutingPolicy) -> RoutingPolicy:
+    """An independent copy of any kind (the candidate keeps training; the copy must not move with it)."""
+    return policy_from_snapshot(policy.snapshot())
 
 
 class LearnerActor:
@@ -101,14 +105,16 @@ class LearnerActor:
             self.param_server = get_or_create_parameter_server(parameter_server_name, namespace, storage, config.checkpoint_prefix)
             ps_snapshot = ray.get(self.param_server.latest.remote())
             reserved = int(ray.get(self.param_server.reserved_version.remote()))
-        initial = BarpPolicy.from_state(initial_state) if initial_state is not None else None
+        initial = policy_from_state(initial_state) if initial_state is not None else None
         if ps_snapshot is not None and (initial is None or ps_snapshot.policy_version > initial.policy_version):
             # The freshest weights anyone serves: start from them unless a checkpoint is newer.
-            initial = BarpPolicy.from_snapshot(ps_snapshot)
-        self.learner = OnlineLearner.resume_or_start(self.ckpt_storage, initial, config)
+            initial = policy_from_snapshot(ps_snapshot)
+        # The learner of the starting policy's kind (learner.registry: barp or value).
+        self.learner = resume_or_start_learner(self.ckpt_storage, initial, config)
+        self.follower = LogFollower.resume(config.log_cursor, storage, self.ckpt_storage, self.learner)  # their log cursor
 
         # The serving policy: what the parameter server holds, unless a promoted checkpoint is newer.
-        self.serving: BarpPolicy | None = None
+        self.serving: RoutingPolicy | None = None
         """The weights replicas serve when the gate is on (None: the gate is off, the candidate is served)."""
         self.serving_source: int | str | None = None
         """For pinned weights: the checkpoint version they came from."""
@@ -124,6 +130,7 @@ class LearnerActor:
         self.last_checkpoint: str | None = None
         self.publish_errors = 0
         self.events_held_out = 0
+        self.drift = DriftGuard(config.rebase_after_held_checks)  # re-bases a candidate the gate keeps holding
         self._serving_checkpointed = -1
         self._lock = threading.Lock()
         self.started_at = time.time()
@@ -131,6 +138,7 @@ class LearnerActor:
             self._publish()
         logger.info("learner starts: candidate v%d, serving v%d%s", self.learner.policy_version, self.serving_version,
                     " (pinned)" if self.pinned else "")
+        self.follower.start(self.update)  # trains on committed log parts the pushes missed (learner/log_follower.py)
 
     # --- state ------------------------------------------------------------------
 
@@ -161,7 +169,7 @@ class LearnerActor:
         if not (self.gate.enabled or self.pinned):
             return  # no gate, no pin: the candidate is what is served
         if ps_snapshot is not None and (promoted is None or ps_snapshot.policy_version >= promoted):
-            self.serving = BarpPolicy.from_snapshot(ps_snapshot)
+            self.serving = policy_from_snapshot(ps_snapshot)
             self.serving_trained_through = ps_snapshot.trained_through
         elif promoted is not None and promoted >= 0:
             policy, _, manifest = load_checkpoint(self.ckpt_storage, promoted)
@@ -209,8 +217,9 @@ class LearnerActor:
     # --- training ---------------------------------------------------------------
 
     def update(self, events: pa.Table) -> dict[str, Any]:
-        """Train on a batch of joined events (minus the held-out ones); publish what the gate lets through."""
+        """Train on joined events (minus held-out ones and ids already trained); publish what the gate lets through."""
         with self._lock:
+            events, duplicates = self.follower.take(events)  # pushes and log catch-up both come in here
             held = 0
             if self.gate.enabled and isinstance(events, pa.Table) and len(events):
                 events, held_out = split_holdout(events, self.gate.holdout_fraction)
@@ -218,7 +227,7 @@ class LearnerActor:
                 self.holdout.add(held_out)
                 self.events_held_out += held
             metrics = self.learner.update(events)
-            metrics["held_out"] = held
+            metrics["held_out"], metrics["duplicates_dropped"] = held, duplicates
             if metrics.get("updated"):
                 start = time.perf_counter()
                 if self.pinned:
@@ -243,12 +252,16 @@ class LearnerActor:
         record = {"action": "gate", **decision.as_dict(), "updates": self.learner.updates,
                   "events_received": self._events_received()}
         if decision.promote:
+            self.drift.promoted()
             self.serving = _clone(self.learner.policy)
             self.serving_source = None
             self.serving_trained_through = self.learner.trained_through
             record["published"] = self._publish()
             logger.info("promoted v%d: %s", self.serving_version, decision.reason)
         else:
+            if self.drift.held(decision.difference is not None) and self.serving.kind == self.learner.kind:
+                self.learner.rebase(self.serving)  # learner/drift.py: why
+                record["rebased_to_version"] = self.learner.policy_version
             self._republish_if_behind()
             logger.info("candidate v%d held (serving v%d): %s", self.learner.policy_version, self.serving_version, decision.reason)
         self.gate_history.append(record)
@@ -269,7 +282,8 @@ class LearnerActor:
                 protect.append(self.serving_version)
             self.last_checkpoint = self.learner.save_checkpoint(
                 self.ckpt_storage,
-                extra={"promoted": self.serving_version == self.learner.policy_version, "serving_version": self.serving_version},
+                extra={"promoted": self.serving_version == self.learner.policy_version, "serving_version": self.serving_version,
+                       **self.follower.save(self.ckpt_storage, self.learner.policy_version)},
                 protect=protect,
             )
         except Exception as exc:  # noqa: BLE001 - training goes on; the next checkpoint retries
@@ -298,7 +312,7 @@ class LearnerActor:
         """Serve checkpointed weights under a NEW version number (rollback, or an offline candidate); hold promotions.
 
         ``version``: a checkpoint of this learner's storage. ``checkpoint``: a
-        BaRP checkpoint folder or storage URI elsewhere (e.g. a
+        checkpoint folder (of the learner's policy kind) or storage URI elsewhere (e.g. a
         `banditroute train-from-log` candidate under ``offline/``), read with
         this learner's storage credentials. ValueError (naming the field) when
         it does not exist, there is no storage, or its pool/encoder differ.
@@ -318,16 +332,17 @@ class LearnerActor:
                 policy, _, manifest = load_checkpoint(self.ckpt_storage, int(version))
                 source: int | str = int(version)
             else:
-                from banditroute.policy.checkpoint import load_barp_policy
+                from banditroute.policy.checkpoint import load_policy_at
 
                 try:
-                    policy = load_barp_policy(checkpoint, self.ckpt_storage.config, field="checkpoint")
+                    policy = load_policy_at(checkpoint, self.ckpt_storage.config, field="checkpoint",
+                                            kinds=(self.learner.kind,))
                 except (OSError, KeyError) as exc:
                     raise ValueError(f"checkpoint: cannot read {checkpoint}: {exc}") from None
                 manifest, source = {}, str(checkpoint)
-            if (policy.models != self.learner.policy.models or policy.meta.embed_dim != self.learner.policy.meta.embed_dim
-                    or policy.meta.encoder_id != self.learner.policy.meta.encoder_id):
-                raise ValueError(f"{field}: {source} has another model pool, encoder or embedding size than the learner")
+            mine = self.learner.policy
+            if (policy.kind, policy.models, policy.embed_dim, policy.encoder_id) != (mine.kind, mine.models, mine.embed_dim, mine.encoder_id):
+                raise ValueError(f"{field}: {source} has another kind, model pool, encoder or embedding size than the learner")
             ps_latest = -1
             if self.param_server is not None:
                 ps_latest = int(ray.get(self.param_server.reserved_version.remote()))
@@ -404,14 +419,14 @@ class LearnerActor:
             "start_version": self.start_version,
             "started_at": self.started_at,
             "updates": self.learner.updates,
-            "events_trained": self.learner.events_trained,
-            "events_held_out": self.events_held_out,
+            "events_trained": self.learner.events_trained, "events_held_out": self.events_held_out,
             "events_received": self._events_received(),
-            "trained_through": self.learner.trained_through,
-            "skipped": dict(self.learner.skipped),
+            "trained_through": self.learner.trained_through, "skipped": dict(self.learner.skipped),
             "last_metrics": self.last_metrics,
             "last_checkpoint": self.last_checkpoint,
-            "publish_errors": self.publish_errors,
+            "publish_errors": self.publish_errors, "log_cursor": self.follower.stats(),
+            "rebases": self.drift.rebases,
+            "learner_kind": self.learner.kind,
             "promotion": {"enabled": self.gate.enabled, "last_decision": last_gate,
                           "history": list(self.gate_history)[-10:], "holdout_events": len(self.holdout)},
         }
@@ -472,7 +487,7 @@ def seed_checkpoint(initial_state: dict[str, Any], storage: StorageConfig | dict
     if isinstance(storage, dict):
         storage = from_dict(StorageConfig, storage, prefix="storage")
     ckpt = open_storage(storage).child(prefix)
-    policy = BarpPolicy.from_state(initial_state)
+    policy = policy_from_state(initial_state)
     versions = list_checkpoints(ckpt)
     if versions and versions[-1] >= policy.policy_version:
         return None

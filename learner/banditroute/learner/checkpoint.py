@@ -2,8 +2,8 @@
 
 Layout under the checkpoint root (``<storage>/checkpoints`` by default)::
 
-    v000000000042/policy.pt        BarpPolicy weights (torch.save of the state dict)
-    v000000000042/meta.json        PolicyMeta (models, tau, encoder, policy_version ...)
+    v000000000042/policy.pt        policy weights, any kind the learner trains (torch.save of the state dict)
+    v000000000042/meta.json        the kind's meta (kind, models, tau, encoder, policy_version ...)
     v000000000042/optimizer.pt     optimizer state (optional; resuming keeps Adam's moments);
                                    tensors and plain values only, read with torch.load(weights_only=True)
     v000000000042/manifest.json    written LAST: a checkpoint without it is incomplete
@@ -23,7 +23,7 @@ holds the pin state, so a restarted learner keeps a pin.
 Each file is written atomically by :mod:`banditroute.core.storage`; the manifest
 is the commit point of the whole checkpoint, so a crash mid-checkpoint
 leaves an incomplete folder that readers skip. ``policy.pt`` + ``meta.json``
-is exactly what ``BarpPolicy.load`` reads, so any checkpoint folder
+is exactly what ``policy.checkpoint.load_policy`` reads (by the ``kind`` in meta.json), so any checkpoint folder
 (downloaded from S3 or local) is also a policy checkpoint for `banditroute
 serve --policy` and `banditroute ope --policy`.
 """
@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from banditroute.policy.barp import BarpPolicy
-from banditroute.policy.base import META_FILE, WEIGHTS_FILE
+from banditroute.policy.base import META_FILE, WEIGHTS_FILE, RoutingPolicy
+from banditroute.policy.checkpoint import load_policy
 from banditroute.core.storage import Storage
 
 MANIFEST_FILE = "manifest.json"
@@ -70,7 +70,7 @@ def list_checkpoints(storage: Storage) -> list[int]:
 
 def save_checkpoint(
     storage: Storage,
-    policy: BarpPolicy,
+    policy: RoutingPolicy,
     learner_state: bytes | None = None,
     extra: dict[str, Any] | None = None,
     keep: int | None = None,
@@ -140,7 +140,7 @@ def write_promotion_state(storage: Storage, state: dict[str, Any]) -> None:
     storage.write_json(PROMOTION_STATE_FILE, state)
 
 
-def load_checkpoint(storage: Storage, version: int, device: str = "cpu") -> tuple[BarpPolicy, bytes | None, dict[str, Any]]:
+def load_checkpoint(storage: Storage, version: int, device: str = "cpu") -> tuple[RoutingPolicy, bytes | None, dict[str, Any]]:
     """(policy, optimizer state bytes or None, manifest) of checkpoint ``version``.
 
     The policy serves the version its meta.json records; ValueError when that
@@ -151,7 +151,7 @@ def load_checkpoint(storage: Storage, version: int, device: str = "cpu") -> tupl
     with tempfile.TemporaryDirectory(prefix="banditroute-ckpt-") as tmp:
         for name in (WEIGHTS_FILE, META_FILE):
             (Path(tmp) / name).write_bytes(storage.read_bytes(f"{folder}/{name}"))
-        policy = BarpPolicy.load(tmp, device=device)
+        policy = load_policy(tmp, device=device)
     if policy.policy_version != int(version):
         raise ValueError(f"{storage.uri_for(folder)}: meta.json holds v{policy.policy_version}, not v{int(version)}")
     learner_state = None
@@ -166,7 +166,7 @@ def load_checkpoint(storage: Storage, version: int, device: str = "cpu") -> tupl
 
 def load_latest_checkpoint(
     storage: Storage, device: str = "cpu", promoted_only: bool = False
-) -> tuple[BarpPolicy, bytes | None, dict[str, Any]] | None:
+) -> tuple[RoutingPolicy, bytes | None, dict[str, Any]] | None:
     """The newest complete checkpoint (``promoted_only``: the newest whose weights were served), or None."""
     if promoted_only:
         version = newest_promoted_checkpoint(storage)

@@ -11,6 +11,33 @@ from dataclasses import dataclass, field
 
 from banditroute.learner.checkpoint import DEFAULT_CHECKPOINT_PREFIX
 from banditroute.learner.promotion import PromotionConfig
+from banditroute.learner.log_cursor import LogCursorConfig
+
+ONLINE_KINDS = ("barp", "value")
+"""Policy kinds the online learner trains (``learner.registry.LEARNER_KINDS`` holds one learner class per kind)."""
+
+
+@dataclass
+class ValueLearnerConfig:
+    """What only the value learner (kind ``value``) uses; learning rate, grad clip and replay are LearnerConfig's."""
+
+    gradient_steps: int = 2
+    """Adam steps per update, each on ``replay_sample`` pulls drawn from the replay of all pulls so far."""
+    replay_sample: int = 256
+    """Pulls per Adam step, drawn uniformly from the replay (all of them while fewer); with ``gradient_steps``,
+    how hard each update fits the replay: updates come every ~0.1 s with a few events each, so more overfits."""
+    weight_decay: float = 1e-3
+    """Adam weight decay (the offline trainer's default, picked on an inner RouterBench split)."""
+    cost_loss_weight: float = 1.0
+    """Weight of the cost heads' loss against the score heads'."""
+    bootstrap: bool = True
+    """Weight each pull Poisson(1) per head (online bootstrap: the heads' spread drives Thompson exploration)."""
+
+    def validate(self) -> None:
+        if self.gradient_steps < 1 or self.replay_sample < 1:
+            raise ValueError("learner.value.gradient_steps and learner.value.replay_sample must be >= 1")
+        if self.weight_decay < 0 or self.cost_loss_weight < 0:
+            raise ValueError("learner.value.weight_decay and learner.value.cost_loss_weight must be >= 0")
 
 
 @dataclass
@@ -45,12 +72,26 @@ class LearnerConfig:
     """torch intra-op threads in the learner actor (0 = torch's default; the small MLP needs one)."""
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     """The promotion gate: which versions replicas get (learner.promotion; see learner/promotion.py)."""
+    log_cursor: LogCursorConfig = field(default_factory=LogCursorConfig)
+    """The cursor over the committed event log that trains on what pushes missed (learner.log_cursor; see learner/log_cursor.py)."""
+    rebase_after_held_checks: int = 5
+    """After this many gate checks in a row that HOLD the candidate on evidence (not for want of it), the
+    candidate restarts from the serving weights (fresh optimizer), so it cannot drift ever further below
+    what is served; 0 = never."""
+    value: ValueLearnerConfig = field(default_factory=ValueLearnerConfig)
+    """Settings of the value learner (kind ``value``)."""
 
     def __post_init__(self) -> None:
+        from banditroute.core.config import from_dict
+
         if isinstance(self.promotion, dict):  # LearnerConfig(**plain_dict) as well as from_dict
+            self.promotion = from_dict(PromotionConfig, self.promotion, prefix="learner.promotion")
+        if isinstance(self.log_cursor, dict):
             from banditroute.core.config import from_dict
 
-            self.promotion = from_dict(PromotionConfig, self.promotion, prefix="learner.promotion")
+            self.log_cursor = from_dict(LogCursorConfig, self.log_cursor, prefix="learner.log_cursor")
+        if isinstance(self.value, dict):
+            self.value = from_dict(ValueLearnerConfig, self.value, prefix="learner.value")
 
     def validate(self) -> None:
         if self.torch_threads < 0:
@@ -75,4 +116,8 @@ class LearnerConfig:
             raise ValueError("learner.keep_checkpoints must be >= 1")
         if not self.checkpoint_prefix.strip("/"):
             raise ValueError("learner.checkpoint_prefix must not be empty")
+        if self.rebase_after_held_checks < 0:
+            raise ValueError("learner.rebase_after_held_checks must be >= 0")
         self.promotion.validate()
+        self.log_cursor.validate()
+        self.value.validate()

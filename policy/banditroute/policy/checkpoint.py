@@ -90,6 +90,22 @@ def fetch_policy_folder(location: str, storage: Any, into: Path, field: str = "p
     return into
 
 
+def load_policy_at(location: str, storage: Any = None, field: str = "policy",
+                   kinds: tuple[str, ...] | None = None) -> RoutingPolicy:
+    """The policy at ``location`` (folder or storage URI, read with ``storage``'s access), of any registered kind.
+
+    ``kinds`` restricts the kinds accepted here (e.g. those the online learner
+    trains); errors name ``field``.
+    """
+    with tempfile.TemporaryDirectory(prefix="banditroute-policy-") as tmp:
+        folder = fetch_policy_folder(location, storage, Path(tmp), field)
+        kind = checkpoint_kind(folder)
+        if kinds is not None and kind not in kinds:
+            wanted = " or ".join(repr(k) for k in kinds)
+            raise ValueError(f"{field}: a policy of kind {wanted} is needed here; {location} is {kind!r}")
+        return policy_class(kind, field).load(folder)
+
+
 def load_barp_policy(location: str, storage: Any = None, field: str = "policy") -> BarpPolicy:
     """The BaRP policy at ``location`` (folder or storage URI, read with ``storage``'s access); errors name ``field``."""
     with tempfile.TemporaryDirectory(prefix="banditroute-policy-") as tmp:

@@ -10,11 +10,9 @@ means retraining. This policy instead scores each CANDIDATE from
   logit mean / std and expected score p_hat = E_q[sigmoid(a(x).theta - b(x))],
 * the candidate's CURRENT price, normalised like the reward: min(price / tau, 1),
 
-(by default the prompt and the identity reach the shared MLP through the
-IRT terms only, see ``prompt_features`` / ``identity_features``: that
-generalised better to onboarded models), with the same weights for every
-candidate, then normalises with a softmax
-across the candidates offered for this request. Everything model-specific
+(by default the prompt and the identity reach the shared MLP through the IRT terms only, see
+``prompt_features`` / ``identity_features``: that generalised better to onboarded models), with the
+same weights for every candidate, then normalises with a softmax across the candidates offered. Everything model-specific
 comes from the model registry (``policy/model_registry.py``), read at every
 decision: registering a model makes it routable immediately, and a price
 change changes the routing immediately, with no retraining.
@@ -42,7 +40,8 @@ bandit feedback only.
 
 Training lives in ``policy/identity_train.py`` (:func:`train_identity_policy`).
 State, snapshots, checkpoints and ``decide`` are ``policy.base.PolicyBase``'s;
-the identity policy adds its registry to each.
+the identity policy adds its registry to each. Served logits (:meth:`IdentityPolicy.logits`)
+keep freshly onboarded models inside a probability band (policy/fresh_models.py).
 """
 
 from __future__ import annotations
@@ -62,10 +61,14 @@ from banditroute.policy.base import CHECKPOINT_FORMAT, PolicyBase
 from banditroute.policy.decide import DEFAULT_BOUNDS, Decisions, decide
 from banditroute.policy.encoders import EncoderConfig
 from banditroute.policy.exploration import ExplorationBounds
+from banditroute.policy.fresh_models import FreshModelConfig, band_logits, fresh_columns
 from banditroute.policy.irt import IrtConfig, ItemMaps, expected_probability, logit_moments
 from banditroute.policy.model_registry import REGISTRY_FILE, ModelRegistry, UnknownModelError
 
 KIND = "identity"
+DEFAULT_REGISTRY_REFRESH_S = 0.5
+"""A checkpoint-loaded policy re-reads its registry document this often while routing, so an admin change
+(serve/pool_admin.py) reaches every replica within a second."""
 
 
 class CandidateSetError(ValueError):
@@ -136,6 +139,8 @@ class IdentityMeta:
     """Network shape."""
     irt: IrtConfig = field(default_factory=IrtConfig)
     """IRT settings (used again to fit new models' identities when onboarding)."""
+    fresh_models: FreshModelConfig = field(default_factory=FreshModelConfig)
+    """Serving: the probability band of freshly onboarded models (policy/fresh_models.py)."""
     registry_uri: str = ""
     """Where the live registry lives ('' = registry.json next to the weights; or a path / s3:// URI)."""
     policy_version: int = 0
@@ -305,6 +310,8 @@ class IdentityPolicy(PolicyBase):
         self.device = torch.device(device)
         self.network = (network or IdentityNetwork(meta.embed_dim, meta.irt, meta.network)).to(self.device)
         self.network.eval()
+        self.registry_version_used: int | None = None
+        """Registry version of the last batch decided (serve/core.py records it with each decision)."""
 
     # --- what serving reads ------------------------------------------------------------
 
@@ -378,11 +385,16 @@ class IdentityPolicy(PolicyBase):
         mask=None,
         names: Sequence[str] | None = None,
         prices: Sequence[float] | None = None,
+        band_fresh: bool = False,
     ) -> tuple[torch.Tensor, list[str]]:
-        """(masked logits (B, K), the K model names they refer to), from ONE registry snapshot."""
+        """(masked logits (B, K), the K model names they refer to), from ONE registry snapshot (its
+        version is left in ``registry_version_used``); ``band_fresh``: fresh models' probabilities
+        moved into the ``meta.fresh_models`` band (policy/fresh_models.py)."""
         self.network.eval()
         self.registry.maybe_refresh()
-        pool, mu, sigma, price = self.registry.snapshot(names)
+        view = self.registry.view(names)
+        pool, mu, sigma, price = view.names, view.mu, view.sigma, view.price
+        self.registry_version_used = view.version
         if not pool:
             raise CandidateSetError("no candidate: the registry holds no routable model" if names is None else "empty candidate set")
         if prices is not None:
@@ -424,12 +436,16 @@ class IdentityPolicy(PolicyBase):
             price_n[None],
             mask_t,
         )
+        fresh = fresh_columns(view.n_observations, self.meta.fresh_models)
+        if band_fresh and any(fresh):
+            cfg = self.meta.fresh_models
+            logits = band_logits(logits, torch.as_tensor(fresh, device=logits.device), cfg.floor, cfg.cap)
         return logits, pool
 
     def logits(self, embeddings, w_cost, mask=None) -> torch.Tensor:
-        """Masked logits (B, K) over ``models`` (numpy or device tensors). Build the mask
-        from ``models`` read just before: the pool is live."""
-        return self.logits_for(embeddings, w_cost, mask)[0]
+        """Masked logits (B, K) over ``models`` (numpy or device tensors), as SERVED: fresh models
+        banded (``meta.fresh_models``). Build the mask from ``models`` read just before: the pool is live."""
+        return self.logits_for(embeddings, w_cost, mask, band_fresh=True)[0]
 
     def decide(
         self,
@@ -440,9 +456,11 @@ class IdentityPolicy(PolicyBase):
         generator: torch.Generator | None = None,
         bounds: ExplorationBounds = DEFAULT_BOUNDS,
         prices: Sequence[float] | None = None,
+        band_fresh: bool = False,
     ) -> IdentityDecisions:
-        """Route a batch: sample within ``bounds`` (explore) or argmax (greedy) over each row's candidates."""
-        logits, pool = self.logits_for(embeddings, w_cost, mask, prices=prices)
+        """Route a batch: sample within ``bounds`` (explore) or argmax (greedy) over each row's candidates.
+        Offline evaluators call this with the raw policy (``band_fresh`` False); serving goes through :meth:`logits`."""
+        logits, pool = self.logits_for(embeddings, w_cost, mask, prices=prices, band_fresh=band_fresh)
         return IdentityDecisions(*Decisions.host_columns(decide(logits, explore, bounds, generator)), models=pool)
 
     def probabilities(self, embeddings, w_cost, candidates: Sequence[str]) -> dict[str, np.ndarray]:
@@ -473,9 +491,10 @@ class IdentityPolicy(PolicyBase):
 
     @classmethod
     def _new_from_checkpoint(
-        cls, meta: IdentityMeta, directory: Path, device: str | torch.device, registry_refresh_s: float | None = None
+        cls, meta: IdentityMeta, directory: Path, device: str | torch.device,
+        registry_refresh_s: float | None = DEFAULT_REGISTRY_REFRESH_S,
     ) -> "IdentityPolicy":
-        """With the registry at its live location (refreshed every ``registry_refresh_s`` seconds when
-        set, so another process's price change applies)."""
+        """With the registry at its live location, re-read every ``registry_refresh_s`` seconds while
+        routing (None = never), so another process's change (admin API, price config) applies."""
         registry = ModelRegistry.load(meta.registry_uri or directory / REGISTRY_FILE, auto_refresh_s=registry_refresh_s)
         return cls(meta, registry, device=device)

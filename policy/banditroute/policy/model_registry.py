@@ -138,6 +138,24 @@ class ModelEntry:
             raise RegistryError(f"model {self.name!r}: n_observations must be >= 0")
 
 
+@dataclass
+class PoolView:
+    """A consistent read of the registry: what one routing batch decides with."""
+
+    version: int
+    """Registry version the view was read at (recorded with the decisions it decided)."""
+    names: list[str]
+    """Model names (column order of the arrays)."""
+    mu: np.ndarray
+    """(K, dim) identity means."""
+    sigma: np.ndarray
+    """(K, dim) identity stds."""
+    price: np.ndarray
+    """(K,) USD per call."""
+    n_observations: list[int]
+    """Scored outcomes behind each identity (fresh-model rule)."""
+
+
 def _storage_location(path: str | os.PathLike, storage_config=None):
     """(Storage, key) for a registry document path or URI (``s3://b/p/registry.json``)."""
     from banditroute.core.storage import StorageConfig, open_storage
@@ -231,6 +249,13 @@ class ModelRegistry:
             sigma = np.array([e.sigma for e in entries], dtype=np.float32).reshape(len(entries), self.dim)
             price = np.array([e.price for e in entries], dtype=np.float64)
             return names, mu, sigma, price
+
+    def view(self, names: Sequence[str] | None = None) -> "PoolView":
+        """:meth:`snapshot` plus the registry version and each model's n_observations, under ONE lock."""
+        with self._lock:
+            names, mu, sigma, price = self.snapshot(names)
+            n_obs = [self._entries[n].n_observations for n in names]
+            return PoolView(self.version, names, mu, sigma, price, n_obs)
 
     def prices(self) -> dict[str, float]:
         with self._lock:

@@ -204,8 +204,7 @@ def train_value_policy(
                 actions = decided.actions.numpy()
                 r = env.pull(rows, actions, w, decided.propensities.numpy())
                 seen = env.pulls[-1]
-                weights = (rng.poisson(1.0, size=(len(rows), buffer.n_heads)) if config.bootstrap
-                           else np.ones((len(rows), buffer.n_heads)))
+                weights = bootstrap_weights(rng, len(rows), buffer.n_heads, config.bootstrap)
                 buffer.add(rows, actions, seen["score"], normalised_cost(seen["cost"], tau), weights)
                 _update(policy, optimiser, buffer, emb_all, config, rng)
                 if after_update is not None:
@@ -227,20 +226,49 @@ def train_value_policy(
     return policy, env, history
 
 
+def bootstrap_weights(rng: np.random.Generator, n: int, n_heads: int, enabled: bool = True) -> np.ndarray:
+    """(n, n_heads) per-pull, per-head weights: Poisson(1) draws (online bootstrap), or ones when not ``enabled``."""
+    if not enabled:
+        return np.ones((n, n_heads), np.float32)
+    return rng.poisson(1.0, size=(n, n_heads)).astype(np.float32)
+
+
+def value_gradient_step(
+    network: torch.nn.Module,
+    optimiser: torch.optim.Optimizer,
+    embeddings: torch.Tensor,
+    actions: torch.Tensor,
+    score: torch.Tensor,
+    cost: torch.Tensor,
+    head_weights: torch.Tensor,
+    cost_loss_weight: float = 1.0,
+    grad_clip: float = 1.0,
+) -> float:
+    """One Adam step of :func:`value_loss` on a minibatch of pulls; returns the loss before the step.
+
+    The one update rule of the value policy: the offline trainer and the
+    online learner (``banditroute.learner.value_learner``) both call it.
+    """
+    network.train()
+    score_logits, cost_logits = network(embeddings)
+    loss = value_loss(score_logits, cost_logits, actions, score, cost, head_weights, cost_loss_weight)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip)
+    optimiser.step()
+    network.eval()
+    return float(loss.detach())
+
+
 def _update(policy: ValuePolicy, optimiser: torch.optim.Optimizer, buffer: ReplayBuffer, emb_all: torch.Tensor,
             config: ValueTrainConfig, rng: np.random.Generator) -> None:
     """``updates_per_batch`` Adam steps on minibatches replayed from ``buffer``."""
-    net, device = policy.network, emb_all.device
-    net.train()
+    device = emb_all.device
     for _ in range(config.updates_per_batch):
         rows, actions, score, cost, weights = buffer.sample(rng, config.replay_batch_size)
-        score_logits, cost_logits = net(emb_all[torch.as_tensor(rows, device=device)])
-        loss = value_loss(
-            score_logits, cost_logits, torch.as_tensor(actions, device=device), torch.as_tensor(score, device=device),
-            torch.as_tensor(cost, device=device), torch.as_tensor(weights, device=device), config.cost_loss_weight,
+        value_gradient_step(
+            policy.network, optimiser, emb_all[torch.as_tensor(rows, device=device)],
+            torch.as_tensor(actions, device=device), torch.as_tensor(score, device=device),
+            torch.as_tensor(cost, device=device), torch.as_tensor(weights, device=device),
+            config.cost_loss_weight, config.grad_clip,
         )
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
-        optimiser.step()
-    net.eval()

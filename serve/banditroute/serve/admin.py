@@ -10,6 +10,10 @@
   candidate): serve those weights under a new version; promotions are held
   until ``POST /v1/admin/policy/unpin``.
 
+- ``/v1/admin/models`` (GET, POST) and ``/v1/admin/models/{name}`` (PATCH
+  price, DELETE): the pool of an identity policy, serve/pool_admin.py
+  (``PoolAdmin``, mounted here; 409 for fixed-pool policy kinds).
+
 The policy routes call the learner actor (``learner_actor_name``) by name:
 404 when the router has none, 503 with ``Retry-After`` while it is
 unreachable, 422 when it refuses the request (its ValueError, ``field`` from
@@ -24,6 +28,7 @@ from typing import Any
 import ray
 
 from banditroute.core.security import Security, SecurityConfig
+from banditroute.serve.pool_admin import PoolAdmin  # noqa: F401  (the ingress mounts it with the other admin routes)
 from banditroute.serve.protocol import RETRY_AFTER, RequestError
 
 LEARNER_TIMEOUT_S = 60.0
@@ -40,8 +45,9 @@ def security_report(ingress_replica_id: str, security: Security, config: Securit
         "secrets_accepted": len(security.secrets),
         "api_keys": {group: ("disabled" if group == "admin" else "open") if keys is None else f"{len(keys)} key(s)"
                      for group, keys in security.keys.items()},
-        "max_body_bytes": config.max_body_bytes,
+        "max_body_bytes": {group: config.body_limit(group)[0] for group in ("route", "feedback", "admin")},
         "max_reward_cost_usd": config.max_reward_cost_usd,
+        "api_docs": config.api_docs,
     }
 
 

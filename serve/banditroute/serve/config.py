@@ -14,30 +14,36 @@ from typing import Any, Mapping
 
 from banditroute.core.config import from_dict, load_config
 from banditroute.core.security import SecurityConfig
+from banditroute.policy.experiments import ExperimentConfig, check_experiments
 from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR, check_bounds
 from banditroute.policy.reward import PreferenceError, preference_to_w_cost
 from banditroute.serve.decision_sinks import DECISION_SINKS
+from banditroute.serve.limits import LimitsConfig
 
 ROUTE_MODES = ("explore", "greedy")
 """Decision modes: sample from the policy (propensity logged) or take its argmax."""
 PLACEMENTS = ("inline", "replica", "auto")
 """Where decisions are made: in the ingress replicas, in a Router deployment behind them, or chosen (resolve_placement)."""
 CHEAP_ENCODERS = ("hashing", "static")
-"""Encoders whose decision costs less than a second hop: ``placement: auto`` decides inline with them (off GPUs)."""
+"""Encoders with no forward pass worth a GPU: ``placement: auto`` decides inline with them, on GPUs too."""
 
 
 def resolve_placement(placement: str, encoder_name: str | None, on_gpu: bool) -> str:
-    """'inline' or 'replica' for ``placement``: 'auto' is inline for a cheap encoder on CPU, else replica.
+    """'inline' or 'replica' for ``placement``: 'auto' is inline on CPU, and on a GPU for a cheap encoder.
 
-    A GPU, or an encoder with a real forward pass (MiniLM) or not known yet,
-    keeps the Router deployment: its replicas batch the forward passes (the
-    ingress then tokenizes) and scale apart from the HTTP front.
+    On CPU the deciding process is bound by the encoder whatever the
+    placement, and a Router deployment only adds a hop, a process and its
+    memory (MiniLM, measured: 65 ms of CPU per request either way, plus
+    3-5 ms in the ingress with a Router; docs/serving.md). On a GPU an
+    encoder with a real forward pass (MiniLM), or one not known yet, keeps
+    the Router deployment: its replicas batch the forward passes from every
+    ingress (which tokenize) and scale apart from the HTTP front.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {placement!r}")
     if placement != "auto":
         return placement
-    return "inline" if encoder_name in CHEAP_ENCODERS and not on_gpu else "replica"
+    return "inline" if not on_gpu or encoder_name in CHEAP_ENCODERS else "replica"
 
 
 @dataclass
@@ -118,11 +124,11 @@ class RouterConfig:
     """Port of Serve's HTTP proxy (`banditroute serve`; also used to reach the replay server through it)."""
     router_model_name: str = "banditroute"
     """Model name clients send (OpenAI API) to be routed; any pool model name is passed through unrouted."""
-    placement: str = "replica"
+    placement: str = "auto"
     """Where decisions are made: 'inline' (each ingress replica decides itself: one hop per route, no Router
     deployment; num_replicas ingress replicas with num_cpus/num_gpus each), 'replica' (ingress -> Router
-    deployment; the ingress tokenizes for encoders with a tokenizer) or 'auto' (inline for a hashing/static
-    encoder on CPU, else replica; decided where the app is built)."""
+    deployment; the ingress tokenizes for encoders with a tokenizer) or 'auto' (inline on CPU and for a
+    hashing/static encoder; replica for MiniLM or an unknown encoder on a GPU; decided where the app is built)."""
     num_replicas: int = 1
     """Replicas that decide (batched inference): Router replicas, or with placement inline the ingress replicas."""
     ingress_replicas: int = 1
@@ -192,6 +198,11 @@ class RouterConfig:
     """The replay upstream (answers with logged responses)."""
     security: SecurityConfig = field(default_factory=SecurityConfig)
     """Signed decision tokens (secret from an env var), API keys per endpoint group, body and reward limits."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """What one request may cost: JSON parsing off the event loop, text per batch call, chat fields forwarded, rate per API key."""
+    experiments: list[ExperimentConfig] = field(default_factory=list)
+    """A/B experiments applied to every decision (policy/experiments.py; the application config's top-level
+    ``experiments:`` section lands here)."""
 
     def validate(self) -> None:
         if self.policy is None and self.parameter_server_name is None:
@@ -232,6 +243,8 @@ class RouterConfig:
             raise ValueError(f"decision_sink: unknown sink {self.decision_sink!r}; known: {sorted(DECISION_SINKS)}")
         for name, up in self.upstreams.items():
             up.check(name)
+        self.limits.validate()
+        check_experiments(self.experiments)
         if self.fallback_model is not None and self.fallback_model == self.router_model_name:
             raise ValueError("fallback_model must be a pool model, not the router's own name")
 

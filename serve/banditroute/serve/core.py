@@ -49,7 +49,10 @@ from banditroute.policy.checkpoint import load_policy, policy_from_snapshot, pol
 from banditroute.policy.decide import decide
 from banditroute.policy.encoders import EncoderConfig, make_encoder, resolve_device
 from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR, ExplorationBounds
+from banditroute.policy.experiments import ExperimentConfig
+from banditroute.serve.experiments import apply_overrides
 from banditroute.serve.protocol import RequestError, RouteRequest, parse_candidates, parse_mode
+from banditroute.serve.stages import NO_STAGES, StageClock
 from banditroute.serve.tokens import PromptTokenizer, TokenRow, has_tokenizer
 
 @dataclass
@@ -104,9 +107,10 @@ class RouteResult:
         return self._decided().embedding
 
     def response(self) -> dict[str, Any]:
-        """The /v1/route answer (the contract's keys, plus mode and w_cost)."""
+        """The /v1/route answer (the contract's keys, plus mode and w_cost; experiment/arm and the
+        policy's own choice when an experiment or shadow mode set the model)."""
         d = self._decided()
-        return {
+        out = {
             "decision_id": d.decision_id,
             "model": d.chosen_model,
             "probability": d.probability,
@@ -115,6 +119,11 @@ class RouteResult:
             "mode": d.mode,
             "w_cost": d.w_cost,
         }
+        if d.experiment:
+            out.update(experiment=d.experiment, arm=d.arm)
+        if d.override:
+            out.update(override=d.override, router_model=d.router_model, router_probability=d.router_probability)
+        return out
 
     def record(self, upstream_cost: float | None = None, served_model: str | None = None) -> DecisionRecord:
         """The decision with what the upstream call added (its cost, the model that really answered)."""
@@ -188,6 +197,10 @@ class RouterCore:
         self._pin = self.device.type == "cuda"
         self.tokenizer = PromptTokenizer(encoder) if has_tokenizer(encoder) else None
         """The encoder's tokenizer (serve/tokens.py); None for encoders that take text (hashing, static)."""
+        self.experiments: list[ExperimentConfig] = []
+        """Experiments whose arms are applied to every decided batch (serve/experiments.py); set by the service."""
+        self.stages: StageClock = NO_STAGES
+        """Times tokenize / encode / decide per batch (serve/stages.py); the service gives it its histogram."""
 
     # --- construction ------------------------------------------------------
 
@@ -295,9 +308,13 @@ class RouterCore:
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, d) float32 embeddings on the device: one tokenizer call, one forward."""
         if self.tokenizer is not None:
-            return self.encoder.embed_tokens(self.tokenize(texts))
-        vecs = torch.from_numpy(np.ascontiguousarray(self.encoder.encode(list(texts)), dtype=np.float32))
-        return vecs.to(self.device)
+            with self.stages.stage("tokenize"):
+                tokens = self.tokenize(texts)
+            with self.stages.stage("encode"):
+                return self.encoder.embed_tokens(tokens)
+        with self.stages.stage("encode"):  # text encoders (hashing, static) tokenize inside
+            vecs = torch.from_numpy(np.ascontiguousarray(self.encoder.encode(list(texts)), dtype=np.float32))
+            return vecs.to(self.device)
 
     def embed_rows(self, rows: Sequence[TokenRow | None], texts: Sequence[str | None]) -> torch.Tensor:
         """(B, d) embeddings of rows already tokenized (an ingress did it), the others tokenized here in one
@@ -306,10 +323,13 @@ class RouterCore:
             raise ValueError(f"encoder {self.encoder_id!r} takes text, not tokens")
         rows = list(rows)
         missing = [i for i, row in enumerate(rows) if row is None]
-        if missing:
-            for i, row in zip(missing, self.tokenizer.rows([texts[i] for i in missing])):
-                rows[i] = row
-        return self.encoder.embed_tokens(self.tokenizer.collate(rows, pin=self._pin))
+        with self.stages.stage("tokenize"):  # the rows' padding (and the missing rows' tokenizer call)
+            if missing:
+                for i, row in zip(missing, self.tokenizer.rows([texts[i] for i in missing])):
+                    rows[i] = row
+            batch = self.tokenizer.collate(rows, pin=self._pin)
+        with self.stages.stage("encode"):
+            return self.encoder.embed_tokens(batch)
 
     def route_batch(self, items: Sequence[Any]) -> list[RouteResult]:
         """Decide a batch: items are RouteRequest or (text, w_cost, candidates|None, mode) tuples.
@@ -337,6 +357,9 @@ class RouterCore:
                     raise RequestError(422, "prompt", "prompt must be a non-empty string")
                 if req.tokens is not None and self.tokenizer is None:
                     raise RequestError(422, "prompt", f"encoder {self.encoder_id!r} takes text, not token ids")
+                if req.shadow_model is not None and req.shadow_model not in (cands if cands is not None else models):
+                    raise RequestError(422, "model", f"shadow model {req.shadow_model!r} is not among the candidates "
+                                                     f"{cands if cands is not None else models}")
             except RequestError as exc:
                 results[i] = RouteResult(error=exc.to_router())
                 continue
@@ -374,8 +397,14 @@ class RouterCore:
                     candidate_probabilities=[float(probs[index[m]]) for m in cands],
                     encoder_id=self.encoder_id,
                     prompt_sha256=req.prompt_sha256 or prompt_sha256(req.text),
+                    registry_version=getattr(policy, "registry_version_used", None),  # identity policies: pool/prices version
                 )
             )
+        if self.experiments or any(q.shadow_model or q.tenant for q in reqs):
+            decided = apply_overrides([r.decision for r in results], reqs, self.experiments)  # type: ignore[union-attr]
+            for r, d in zip(results, decided):
+                if r is not None and d is not None:
+                    r.decision = d
         return results  # type: ignore[return-value]
 
     def _forward(self, policy: RoutingPolicy, reqs: list[RouteRequest], host: np.ndarray) -> np.ndarray:
@@ -391,7 +420,7 @@ class RouterCore:
         """Policy forward on device embeddings ``emb`` (B, d) with per-row inputs ``host``
         (B, 2 + K: w_cost, explore flag, candidate mask); returns the packed (B, 2 + K + d)
         host array [action, propensity, probabilities..., embedding...] after ONE copy."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self.stages.stage("decide"):
             inputs = torch.from_numpy(host)
             if self._pin:
                 inputs = inputs.pin_memory()

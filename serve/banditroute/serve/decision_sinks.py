@@ -44,6 +44,8 @@ class LocalDecisionLog:
     replicas can share one folder. A segment is an Arrow IPC *stream*: each
     emit appends one record batch, so a crash can only cut off the batch
     being written, which was never acknowledged; readers skip such a tail.
+    After a failed emit the segment is abandoned and the next emit opens a
+    new one, so a torn batch never hides decisions written after it.
     """
 
     def __init__(self, options: dict[str, Any] | None = None):
@@ -61,6 +63,7 @@ class LocalDecisionLog:
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._rows_in_file = 0
         self.rows_written = 0
+        self.segments_abandoned = 0
 
     def _open_segment(self) -> None:
         self._close_segment()
@@ -97,10 +100,26 @@ class LocalDecisionLog:
         with self._lock:
             if self._writer is None or self._rows_in_file >= self.max_rows_per_file:
                 self._open_segment()
-            self._writer.write_table(table)
-            self._sync()
+            try:
+                self._writer.write_table(table)
+                self._sync()
+            except BaseException:
+                # The segment may now end in a torn batch; readers stop there, so anything appended after it
+                # would be hidden. Abandon it (its complete batches stay readable) and start the next emit afresh.
+                self._abandon_segment()
+                raise
             self._rows_in_file += table.num_rows
             self.rows_written += table.num_rows
+
+    def _abandon_segment(self) -> None:
+        """Drop the open segment without an end-of-stream marker (it may hold a torn batch)."""
+        self.segments_abandoned += 1
+        file, self._writer, self._file = self._file, None, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
         with self._lock:

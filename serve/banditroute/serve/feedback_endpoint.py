@@ -22,6 +22,8 @@ error is a ``protocol.RequestError`` / ``protocol.error_body`` envelope
 401    API key missing or wrong (``field``: authorization; ``WWW-Authenticate``)
 401    ``decision_id`` is not a signed token (unsigned), not token-shaped
        (malformed), or its signature does not match (tampered / another secret)
+403    ``decision_id`` was routed under another route API key: only that key,
+       or a dedicated feedback key (not a route key), may reward it
 404    ``decision_id``: authentic token, but the feedback actor does not know the
        decision (never logged, or forgotten after the window + remember_s)
 405    the router is frozen: its decisions go to a sink other than the feedback
@@ -32,10 +34,12 @@ error is a ``protocol.RequestError`` / ``protocol.error_body`` envelope
        wins; a replayed token). Nothing changed; clients treat 409 as done
 410    ``decision_id``: the token expired (``security.token_ttl_s`` after the
        decision); nothing recorded
-413    the body is larger than ``security.max_body_bytes`` (``field``: body)
+413    the body is larger than ``security.feedback_max_body_bytes`` (16 KiB; ``field``: body)
 422    a field is missing, of the wrong type or out of range (``field`` names it)
+429    this API key is over ``limits.rate_limit_per_s`` (``Retry-After``)
 503    the event log or the feedback actor is unavailable; nothing was recorded,
-       retry (``Retry-After`` header)
+       retry (``Retry-After`` header). The message is generic (details in the
+       ingress log under the incident id it names), except "event buffer full"
 =====  ============================================================================
 
 The ingress counts rejections by reason (``GET /v1/admin/security`` and the
@@ -45,15 +49,21 @@ The ingress counts rejections by reason (``GET /v1/admin/security`` and the
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
+import uuid
 from typing import Any, Callable
 
 from banditroute.core.names import FEEDBACK_ACTOR_NAME, NAMESPACE
 from banditroute.core.records import RewardRecord
-from banditroute.serve.protocol import RETRY_AFTER, RequestError, error_body, short_repr
+from banditroute.serve.protocol import PUBLIC_5XX_MESSAGES, RETRY_AFTER, RequestError, error_body, short_repr
+
+logger = logging.getLogger("banditroute.serve")
 
 ALLOWED_FIELDS = ("decision_id", "score", "cost")
+PUBLIC_UNAVAILABLE_PREFIX = "event buffer full"
+"""The feedback actor's one 'unavailable' text that reaches clients as it is (spool back-pressure: counts only)."""
 
 
 def _number(value: Any, field: str) -> float:
@@ -193,4 +203,9 @@ def ack_to_http(ack: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str
         return 404, error_body(404, ack.get("error") or f"unknown decision_id {short_repr(did)}", "decision_id"), {}
     if status == "invalid":
         return 422, error_body(422, ack.get("error", "invalid reward"), ack.get("field")), {}
-    return 503, error_body(503, ack.get("error") or "feedback unavailable"), dict(RETRY_AFTER)
+    error = str(ack.get("error") or "")
+    if error.startswith(PUBLIC_UNAVAILABLE_PREFIX):  # counts only: the client's cue to back off
+        return 503, error_body(503, error[:300]), dict(RETRY_AFTER)
+    incident = uuid.uuid4().hex[:12]
+    logger.error("feedback unavailable (incident %s): %s", incident, error or ack)
+    return 503, error_body(503, f"{PUBLIC_5XX_MESSAGES[503]} (incident {incident})"), dict(RETRY_AFTER)

@@ -32,6 +32,7 @@ only place a RequestError becomes an HTTP answer), anything else as a JSON
 import asyncio
 import logging
 import time
+import uuid
 from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
@@ -40,12 +41,18 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from banditroute.core.security import Security, TokenError
-from banditroute.serve.admin import LearnerAdmin, security_report
+from banditroute.core.security import Security, TokenError, api_key_id, presented_key
+from banditroute.serve.api_docs import api_docs_page
+from banditroute.serve.body import parse_json_off_loop, read_body
+from banditroute.serve.caller import current_caller, set_caller
+from banditroute.serve.rate_limit import KeyedRateLimiter, retry_after_header
+from banditroute.serve.admin import LearnerAdmin, PoolAdmin, security_report
 from banditroute.serve.config import as_router_config
 from banditroute.serve.decider import Decider, RouterHandle
+from banditroute.serve.experiments import parse_shadow, parse_user
+from banditroute.serve.ops_admin import ExperimentsAdmin
 from banditroute.serve.feedback_endpoint import feedback_target, handle_feedback
-from banditroute.serve.metrics import LATENCY_BOUNDARIES_MS, metric, replica_id
+from banditroute.serve.metrics import LATENCY_BOUNDARIES_MS, metric, replica_id, stage_histogram
 from banditroute.serve.openai_proxy import ChatProxy
 from banditroute.serve.protocol import (
     WWW_AUTHENTICATE,
@@ -53,17 +60,18 @@ from banditroute.serve.protocol import (
     RouteRequest,
     error_body,
     parse_batch_body,
-    parse_json_body,
     parse_route_body,
+    public_error,
     router_error,
 )
 from banditroute.serve.service import RouterService
+from banditroute.serve.stages import StageClock, incoming_trace_context
 
 logger = logging.getLogger("banditroute.serve")
 
 # Which API-key group guards each endpoint (None: open).
 ENDPOINT_GROUPS = {"route": "route", "route_batch": "route", "chat_completions": "route", "models": "route",
-                   "feedback": "feedback", "admin": "admin", "healthz": None}
+                   "feedback": "feedback", "admin": "admin", "healthz": None, "docs": None}
 # HTTP status of each decision-token rejection on /v1/feedback.
 TOKEN_STATUS = {"unsigned": 401, "malformed": 401, "tampered": 401, "expired": 410}
 ROUTER_INFO_TIMEOUT_S = 5.0
@@ -74,7 +82,9 @@ def error_response(err: RequestError) -> JSONResponse:
     return JSONResponse(err.to_json(), status_code=err.status, headers=err.headers or None)
 
 
-api = FastAPI(title="banditroute", description="LLM router that learns online from bandit feedback.")
+# No schema or UIs unless security.api_docs (RouterIngress.api_docs serves them then, serve/api_docs.py).
+api = FastAPI(title="banditroute", description="LLM router that learns online from bandit feedback.",
+              docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -99,8 +109,15 @@ class RouterIngress:
         self.default_w_cost = self.cfg.default_w_cost()
         self._models: list[str] | None = None
         self._models_at = 0.0
-        self.chat = ChatProxy(self.cfg, self.router, replay)
+        self.stages = StageClock(stage_histogram())
+        # Accepted rewards as they arrive (dashboards: quality and spend over time; k8s/overlays/prod).
+        self.m_feedback_score = metric("histogram", "banditroute_feedback_score", "Scores of accepted rewards.", (),
+                                       [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+        self.m_feedback_cost = metric("counter", "banditroute_feedback_cost_usd_total", "USD cost reported with accepted rewards.", ())
+        self.chat = ChatProxy(self.cfg, self.router, replay, self.stages)
+        self.experiments = ExperimentsAdmin(self.cfg)
         self.learner = LearnerAdmin(self.cfg.learner_actor_name, self.cfg.parameter_server_namespace)
+        self.pool = PoolAdmin(self.cfg.policy)  # /v1/admin/models: an identity policy's registry
         self.m_requests = metric("counter", "banditroute_requests_total", "HTTP requests by endpoint and status.", ("endpoint", "status"))
         self.m_latency = metric("histogram", "banditroute_request_latency_ms", "HTTP request latency (ms).", ("endpoint",), LATENCY_BOUNDARIES_MS)
         # Fails the replica (clear message naming security.token_secret_env / *_api_keys_env) when a secret is missing.
@@ -108,6 +125,11 @@ class RouterIngress:
         self.rejections: dict[str, int] = {}
         self.m_rejections = metric("counter", "banditroute_security_rejections_total",
                                    "Requests refused by the ingress's security checks, by reason.", ("reason",))
+        limits = self.cfg.limits
+        self.rate_limiter = KeyedRateLimiter(limits.rate_limit_per_s, limits.rate_limit_burst, limits.rate_limit_max_keys)
+        self.m_server_errors = metric("counter", "banditroute_server_errors_total",
+                                      "5xx answers by endpoint and status (details in the log under the incident id).",
+                                      ("endpoint", "status"))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live batching knobs of an inline replica (``user_config``: max_batch_size, batch_wait_timeout_s)."""
@@ -133,10 +155,36 @@ class RouterIngress:
         raise RequestError(401, "authorization", f"the {group} API key {what}: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
                            type_="authentication_error", headers=WWW_AUTHENTICATE)
 
+    def _rate_limit(self, request: Request, group: str) -> None:
+        """RequestError 429 (``Retry-After``) when the caller's API key (open group: its address) is over its rate."""
+        if not self.rate_limiter.enabled:
+            return
+        presented = presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        key = f"key:{api_key_id(presented)}" if presented and self.security.keys.get(group) else \
+            f"addr:{request.client.host if request.client else '?'}"
+        wait = self.rate_limiter.check(key)
+        if wait > 0:
+            self._reject("rate_limited")
+            raise RequestError(429, "authorization", f"rate limit of this API key exceeded (limits.rate_limit_per_s="
+                                                     f"{self.rate_limiter.rate_per_s:g}, burst {self.rate_limiter.burst:g}); "
+                                                     f"retry in {wait:.2f}s", type_="rate_limit_error", headers=retry_after_header(wait))
+
+    def _public(self, err: RequestError, endpoint: str) -> RequestError:
+        """A 5xx as the client sees it (generic text + incident id); its details are logged and counted."""
+        if err.status < 500 or err.public:
+            return err
+        incident = uuid.uuid4().hex[:12]
+        logger.error("%s answered %d (incident %s): %s", endpoint, err.status, incident, err.message)
+        self.m_server_errors.inc(tags={"endpoint": endpoint, "status": str(err.status)})
+        return public_error(err, incident)
+
     def _signed(self, response: dict[str, Any], now: float | None = None) -> dict[str, Any]:
-        """A decider's answer with its raw decision id replaced by the client-facing (signed) token."""
+        """A decider's answer with its raw decision id replaced by the client-facing (signed) token, bound
+        to the route key of the HTTP request being answered (none for Python API callers)."""
+        caller = current_caller()
         token = self.security.token(response["decision_id"], response["model"], response["policy_version"],
-                                    time.time() if now is None else now)
+                                    time.time() if now is None else now,
+                                    self.security.routing_key_id(caller.authorization, caller.x_api_key))
         return dict(response, decision_id=token)
 
     def _decision_id_from_token(self, token: str) -> str:
@@ -144,11 +192,17 @@ class RouterIngress:
         if not self.security.signing:
             return token
         try:
-            return self.security.verify(token, time.time()).decision_id
+            claims = self.security.verify(token, time.time())
         except TokenError as exc:
             self._reject(f"token_{exc.kind}")
             status = TOKEN_STATUS[exc.kind]
             raise RequestError(status, "decision_id", exc.message, headers=WWW_AUTHENTICATE if status == 401 else None) from None
+        caller = current_caller()
+        if self.security.check_token_key(claims, caller.authorization, caller.x_api_key) is not None:
+            self._reject("token_wrong_key")
+            raise RequestError(403, "decision_id", "decision_id was routed under another API key: reward it with the key "
+                                                   "that routed it (or a dedicated feedback key)", type_="permission_error")
+        return claims.decision_id
 
     # -- the wrapper of every endpoint --
 
@@ -158,39 +212,30 @@ class RouterIngress:
         replica reachable), never a bare 500; metrics either way."""
         start = time.perf_counter()
         group = ENDPOINT_GROUPS[endpoint]
+        set_caller(group, request.headers)
         try:
             if group is not None:
                 self._authorize(request, group)
-            response = await handle()
+                self._rate_limit(request, group)
+            with incoming_trace_context(request.headers):  # the caller's trace is the parent of our stage spans
+                response = await handle()
             if not isinstance(response, Response):
                 response = JSONResponse(response)
         except RequestError as exc:
-            response = error_response(exc)
+            response = error_response(self._public(exc, endpoint))
         except Exception as exc:  # noqa: BLE001 - never a bare 500
             logger.exception("request failed")
-            response = error_response(RequestError(503, None, f"router unavailable: {type(exc).__name__}: {exc}"[:500]))
+            response = error_response(self._public(RequestError(503, None, f"router unavailable: {type(exc).__name__}: {exc}"[:500]), endpoint))
         self.m_requests.inc(tags={"endpoint": endpoint, "status": str(response.status_code)})
         self.m_latency.observe((time.perf_counter() - start) * 1000.0, tags={"endpoint": endpoint})
         return response
 
     async def _json(self, request: Request) -> Any:
-        """The JSON body, read with a cap of security.max_body_bytes (413 ``body``; a larger Content-Length is not read)."""
-        limit = self.cfg.security.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.strip().isdigit():
-                raise RequestError(400, "body", "the Content-Length header must be a number of bytes")
-            if int(declared) > limit:
-                self._reject("body_too_large")
-                raise RequestError(413, "body", f"the body is {int(declared)} bytes; the limit is {limit} (security.max_body_bytes)")
-        chunks, size = [], 0
-        async for chunk in request.stream():  # chunked bodies have no Content-Length: count while reading
-            size += len(chunk)
-            if size > limit:
-                self._reject("body_too_large")
-                raise RequestError(413, "body", f"the body is over {limit} bytes (security.max_body_bytes)")
-            chunks.append(chunk)
-        return parse_json_body(b"".join(chunks))
+        """The JSON body within the endpoint group's limit (security.*max_body_bytes: 413 ``body``, a larger
+        Content-Length is not read); large bodies parsed off the event loop (serve/body.py)."""
+        limit, limit_name = self.cfg.security.body_limit(current_caller().group or "route")
+        raw = await read_body(request.headers, request.stream(), limit, limit_name, lambda: self._reject("body_too_large"))
+        return await parse_json_off_loop(raw, self.cfg.limits.json_thread_min_bytes)
 
     # -- routing helpers --
 
@@ -221,12 +266,15 @@ class RouterIngress:
 
     # -- Python API (DeploymentHandle callers: serve.get_app_handle(app_name).handle_route.remote(body)) --
 
-    async def handle_route(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def handle_route(self, body: dict[str, Any], headers: Any = None) -> dict[str, Any]:
         """Same as POST /v1/route, for in-cluster callers; raises RequestError on bad input."""
-        req = parse_route_body(
-            body, models=await self.models(), default_w_cost=self.default_w_cost,
-            default_mode=self.cfg.default_mode, max_prompt_chars=self.cfg.max_prompt_chars,
-        )
+        models = await self.models()
+        with self.stages.stage("parse"):
+            req = parse_route_body(
+                body, models=models, default_w_cost=self.default_w_cost,
+                default_mode=self.cfg.default_mode, max_prompt_chars=self.cfg.max_prompt_chars,
+            )
+            req.user, req.shadow_model = parse_user(body, headers), parse_shadow(body, models)
         return self._signed((await self._route_one(req))["response"])
 
     async def handle_route_batch(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -234,6 +282,7 @@ class RouterIngress:
         reqs = parse_batch_body(
             body, models=await self.models(), default_w_cost=self.default_w_cost, default_mode=self.cfg.default_mode,
             max_prompt_chars=self.cfg.max_prompt_chars, max_batch_requests=self.cfg.max_batch_requests,
+            max_batch_chars=self.cfg.limits.max_batch_chars,
         )
         outs = await self.router.route_many(reqs)
         now = time.time()
@@ -267,7 +316,7 @@ class RouterIngress:
     @api.post("/v1/route")
     async def http_route(self, request: Request):
         async def handle():
-            return await self.handle_route(await self._json(request))
+            return await self.handle_route(await self._json(request), request.headers)
         return await self._endpoint(request, "route", handle)
 
     @api.post("/v1/route/batch")
@@ -279,7 +328,7 @@ class RouterIngress:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         async def handle():
-            return await self.chat.complete(await self._json(request), self.models, self._decide_signed)
+            return await self.chat.complete(await self._json(request), self.models, self._decide_signed, request.headers)
         return await self._endpoint(request, "chat_completions", handle)
 
     @api.get("/v1/models")
@@ -311,19 +360,37 @@ class RouterIngress:
             }
         return await self._endpoint(request, "healthz", handle)
 
+    # -- HTTP: API docs (security.api_docs; off: 404 like any unknown path) --
+
+    @api.get("/openapi.json", include_in_schema=False)
+    @api.get("/docs", include_in_schema=False)
+    @api.get("/redoc", include_in_schema=False)
+    async def api_docs(self, request: Request):
+        return await self._endpoint(request, "docs", lambda: api_docs_page(api, request.url.path, self.cfg.security.api_docs))
+
     # -- HTTP: feedback --
 
     @api.post("/v1/feedback")
     async def http_feedback(self, request: Request):
         async def handle():
+            body = await self._json(request)
             status, payload, headers = await handle_feedback(
-                await self._json(request), **feedback_target(self.cfg), resolve_decision_id=self._decision_id_from_token,
+                body, **feedback_target(self.cfg), resolve_decision_id=self._decision_id_from_token,
                 max_cost_usd=self.cfg.security.max_reward_cost_usd,
             )
             if status == 409:
                 self._reject("token_replayed")  # a second reward for a rewarded decision: idempotent, but counted
+            if status == 200 and payload.get("status") == "accepted":
+                self._observe_reward(body)
             return JSONResponse(payload, status_code=status, headers=headers)
         return await self._endpoint(request, "feedback", handle)
+
+    def _observe_reward(self, body: dict[str, Any]) -> None:
+        """An accepted reward's score and cost into the metrics (the body was validated by handle_feedback)."""
+        self.m_feedback_score.observe(float(body["score"]))
+        cost = body.get("cost")
+        if isinstance(cost, (int, float)) and cost > 0:
+            self.m_feedback_cost.inc(float(cost))
 
     # -- HTTP: admin (key group "admin") --
 
@@ -332,6 +399,13 @@ class RouterIngress:
         """Security rejections counted by THIS ingress replica (the metric sums all replicas)."""
         async def handle():
             return security_report(self.replica_id, self.security, self.cfg.security, self.rejections)
+        return await self._endpoint(request, "admin", handle)
+
+    @api.get("/v1/admin/experiments")
+    async def admin_experiments(self, request: Request):
+        """Per experiment and arm: decisions, rewards, mean reward with its 95% CI, served models' shares."""
+        async def handle():
+            return await self.experiments.report(await self.router.info())
         return await self._endpoint(request, "admin", handle)
 
     @api.get("/v1/admin/policy")
@@ -350,6 +424,31 @@ class RouterIngress:
     async def admin_unpin(self, request: Request):
         """Release a pin: the promotion gate decides again at its next evaluation."""
         return await self._endpoint(request, "admin", self.learner.unpin)
+
+    @api.get("/v1/admin/models")
+    async def admin_models(self, request: Request):
+        """The pool (identity policies): models, prices, fresh or not, registry version."""
+        return await self._endpoint(request, "admin", self.pool.list)
+
+    @api.post("/v1/admin/models")
+    async def admin_add_model(self, request: Request):
+        """Add a model from quiz answers, a live quiz through its upstream, or an identity (serve/pool_admin.py)."""
+        async def handle():
+            return JSONResponse(await self.pool.add(await self._json(request)), status_code=201)
+        return await self._endpoint(request, "admin", handle)
+
+    @api.patch("/v1/admin/models/{name:path}")
+    async def admin_price_model(self, request: Request, name: str):
+        """``{"price": USD per call}``."""
+        async def handle():
+            return await self.pool.set_price(name, await self._json(request))
+        return await self._endpoint(request, "admin", handle)
+
+    @api.delete("/v1/admin/models/{name:path}")
+    async def admin_remove_model(self, request: Request, name: str):
+        async def handle():
+            return await self.pool.remove(name)
+        return await self._endpoint(request, "admin", handle)
 
     def __del__(self):
         if isinstance(getattr(self, "router", None), RouterService):

@@ -49,6 +49,21 @@ def metric(kind: str, name: str, description: str, tag_keys: tuple[str, ...] = (
         return NoMetric()
 
 
+STAGE_LATENCY_METRIC = "banditroute_stage_latency_ms"
+"""Histogram of each stage's latency (serve/stages.py STAGES), tag ``stage``."""
+
+
+def stage_histogram():
+    """The per-stage latency histogram as a serve/stages.py observer ``(stage, ms) -> None``."""
+    hist = metric("histogram", STAGE_LATENCY_METRIC, "Latency of each stage of a request (ms): parse, tokenize, "
+                  "encode, decide (per batch), log (per batch), upstream.", ("stage",), LATENCY_BOUNDARIES_MS)
+
+    def observe(stage: str, ms: float) -> None:
+        hist.observe(ms, tags={"stage": stage})
+
+    return observe
+
+
 def replica_id() -> str:
     """This Serve replica's id (answers and metrics carry it), or a unique local name outside Serve."""
     try:

@@ -50,6 +50,12 @@ class RouteRequest:
     tokenizer output, attention mask left out), so a GPU replica only runs forward passes; None = tokenize ``text``."""
     prompt_sha256: str | None = None
     """SHA-256 of the text, given with ``tokens`` (the decision log keeps it); None = computed from ``text``."""
+    user: str | None = None
+    """Experiment assignment key (a ``user`` body field or ``x-banditroute-user`` header); None = the decision id."""
+    shadow_model: str | None = None
+    """Shadow mode: the pool model that serves this request; the policy still decides and its choice is logged beside it."""
+    tenant: str = ""
+    """Tenant of the API key that sent the request (logged with the decision; '' = none)."""
 
 
 def error_body(status: int, message: str, field: str | None = None, type_: str | None = None) -> dict[str, Any]:
@@ -68,15 +74,18 @@ class RequestError(ValueError):
 
     The one exception every HTTP error path raises; ``to_json`` is its body
     (:func:`error_body`), ``headers`` go on the answer (``WWW-Authenticate``
-    on a 401, ``Retry-After`` on a retryable 503).
+    on a 401, ``Retry-After`` on a retryable 503). A 5xx reaches the client
+    with a generic message (:func:`public_error`) unless ``public``: its text
+    was written for clients (no actor names, URIs or exception text).
     """
 
     def __init__(self, status: int, field: str | None, message: str, *, type_: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, public: bool = False):
         super().__init__(message)
         self.status, self.field, self.message = int(status), field, message
         self.type = type_
         self.headers = dict(headers or {})
+        self.public = bool(public)
 
     def to_json(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.field, self.type)
@@ -86,7 +95,25 @@ class RequestError(ValueError):
         return {"status": self.status, "field": self.field, "message": self.message}
 
     def __reduce__(self):  # picklable with its keyword state (raised through DeploymentHandles)
-        return RequestError, (self.status, self.field, self.message), {"type": self.type, "headers": self.headers}
+        return RequestError, (self.status, self.field, self.message), {"type": self.type, "headers": self.headers, "public": self.public}
+
+
+PUBLIC_5XX_MESSAGES = {
+    500: "internal error",
+    502: "the upstream model failed",
+    503: "temporarily unavailable; retry",
+    504: "the upstream model did not answer in time",
+}
+"""What a client reads of a 5xx; the detailed message goes to the log under the same incident id."""
+
+
+def public_error(err: RequestError, incident: str) -> RequestError:
+    """``err`` as a client may see it: a 4xx (or a ``public`` 5xx) unchanged; else a generic message naming ``incident``
+    (its details -- actor names, storage URIs, exception text -- stay in the logs), same status, type and headers."""
+    if err.status < 500 or err.public:
+        return err
+    generic = PUBLIC_5XX_MESSAGES.get(err.status, PUBLIC_5XX_MESSAGES[500 if err.status < 502 else 503])
+    return RequestError(err.status, err.field, f"{generic} (incident {incident})", type_=err.type, headers=err.headers)
 
 
 def router_error(error: dict[str, Any]) -> RequestError:
@@ -117,21 +144,34 @@ def _finite_float(text: str) -> float:
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def parse_json_body(raw: bytes) -> Any:
+# Python-level hooks: the C scanner holds the GIL for a whole parse unless it calls back into Python
+# bytecode, so a body parsed in a worker thread with these lets the event loop run between values.
+def _yield_int(text: str) -> int:
+    return int(text)
+
+
+def _yield_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return dict(pairs)
+
+
+def parse_json_body(raw: bytes, yielding: bool = False) -> Any:
     """A request body -> JSON value, or RequestError(400, "body").
 
     Stricter than ``json.loads``: the body must be UTF-8 (RFC 8259; json.loads
     would also take UTF-16/32 and let encoded surrogates through), and
     NaN/Infinity, numbers that overflow a float and lone UTF-16 surrogate
     escapes are refused: they are not JSON / not Unicode, and nothing
-    downstream (encoders, logs, upstream calls) can use them.
+    downstream (encoders, logs, upstream calls) can use them. ``yielding``:
+    same result, with Python-level hooks for numbers and objects so a worker
+    thread running it lets the event loop in (serve/body.py; slower).
     """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RequestError(400, "body", f"the body must be UTF-8 (invalid byte at offset {exc.start})") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        hooks = {"parse_int": _yield_int, "object_pairs_hook": _yield_pairs} if yielding else {}
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, **hooks)
     except RecursionError:
         raise RequestError(400, "body", "the body is nested too deeply") from None
     except (ValueError, TypeError) as exc:  # JSONDecodeError, huge ints, NaN
@@ -312,11 +352,13 @@ def parse_batch_body(
     default_mode: str,
     max_prompt_chars: int,
     max_batch_requests: int,
+    max_batch_chars: int | None = None,
 ) -> list[RouteRequest]:
     """/v1/route/batch: ``{"prompts": [str, ...]}`` or ``{"requests": [route body, ...]}``.
 
     Top-level ``preference``, ``candidates`` and ``mode`` apply to every item
-    that does not set its own.
+    that does not set its own. ``max_batch_chars``: most characters of text in
+    the whole call (``limits.max_batch_chars``; 413 naming the list past it).
     """
     if not isinstance(body, dict):
         raise RequestError(400, "body", "the body must be a JSON object")
@@ -331,7 +373,7 @@ def parse_batch_body(
     if len(items) > max_batch_requests:
         raise RequestError(413, key, f"{key} has {len(items)} items; the limit is {max_batch_requests}")
     shared = {k: body.get(k) for k in ("preference", "candidates", "mode") if k in body}
-    out = []
+    out, total_chars = [], 0
     for i, item in enumerate(items):
         if key == "prompts":
             if not isinstance(item, str):
@@ -348,4 +390,8 @@ def parse_batch_body(
                 shared=shared,
             )
         )
+        total_chars += len(out[-1].text or "")
+        if max_batch_chars is not None and total_chars > max_batch_chars:
+            raise RequestError(413, key, f"{key}: the batch holds over {max_batch_chars} characters of text by item {i} "
+                                         f"(limits.max_batch_chars); split it into smaller calls")
     return out

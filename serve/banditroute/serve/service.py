@@ -53,8 +53,9 @@ from banditroute.policy.encoders import resolve_device
 from banditroute.serve.config import RouterConfig
 from banditroute.serve.core import RouteResult, RouterCore, decision_batch
 from banditroute.serve.decision_sinks import make_decision_sink
-from banditroute.serve.metrics import BATCH_BOUNDARIES, LATENCY_BOUNDARIES_MS, metric
+from banditroute.serve.metrics import BATCH_BOUNDARIES, LATENCY_BOUNDARIES_MS, metric, stage_histogram
 from banditroute.serve.protocol import RequestError, RouteRequest
+from banditroute.serve.stages import StageClock
 from banditroute.serve.tokens import PromptTokenizer
 
 logger = logging.getLogger("banditroute.serve")
@@ -103,6 +104,9 @@ class RouterService:
         self.cfg = cfg
         self.replica_id = replica_id
         self.core = core if core is not None else build_core(cfg)
+        self.core.experiments = list(cfg.experiments)
+        self.stages = StageClock(stage_histogram())
+        self.core.stages = self.stages
         self.sink = make_decision_sink(cfg.decision_sink, cfg.decision_sink_options)
         # One thread each, so decisions are made, and logged, in order; the two stages overlap across batches.
         self._decide_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-decide")
@@ -158,7 +162,8 @@ class RouterService:
 
     def _emit(self, results: list[RouteResult], upstream_costs: list[float | None] | None = None,
               served_models: list[str | None] | None = None) -> None:
-        self.sink.emit_table(decision_batch(results, upstream_costs, served_models))
+        with self.stages.stage("log"):
+            self.sink.emit_table(decision_batch(results, upstream_costs, served_models))
 
     def _package(self, result: RouteResult, req: RouteRequest) -> dict[str, Any]:
         if not result.ok:
@@ -231,6 +236,7 @@ class RouterService:
             "models": self.core.models,
             "encoder_id": self.core.encoder_id,
             "device": str(self.core.device),
+            "tau": getattr(self.core.policy, "tau", None),  # the reward's cost scale (experiment reports)
             "default_w_cost": self.cfg.default_w_cost(),
             "default_mode": self.cfg.default_mode,
             "max_prompt_chars": self.cfg.max_prompt_chars,

@@ -29,6 +29,9 @@ import torch
 
 CLIP_CHARS_PER_TOKEN = 6
 """Texts longer than max_tokens * this are clipped before tokenizing (BERT WordPiece: ~4.2 chars/token on RouterBench, p99 4.4)."""
+TIGHT_CLIP_CHARS_PER_TOKEN = 2
+"""A long text with no whitespace near its end (CJK: one token per character) is cut to max_tokens * this
+characters: ~3x fewer characters to tokenize than CLIP_CHARS_PER_TOKEN, still filling the token window."""
 _WHITESPACE = re.compile(r"\s")
 _MASK = "attention_mask"
 
@@ -69,9 +72,15 @@ class PromptTokenizer:
         host tokenizer, not the GPU, bounds throughput. So a text longer than
         ``max_tokens * CLIP_CHARS_PER_TOKEN`` characters is cut to its tail,
         starting at a whitespace (a word boundary for BERT-style tokenizers, so
-        the tail's tokens are exactly the full text's last tokens). If a
-        clipped row does not fill the token window (a tail of unusually long
-        tokens), the whole batch is re-tokenized unclipped: exact ids first.
+        the tail's tokens are exactly the full text's last tokens). A tail with
+        no whitespace in its first half (CJK, a run of symbols) is cut by
+        characters to its last ``max_tokens * TIGHT_CLIP_CHARS_PER_TOKEN``
+        (the encoder itself would cut such a text by characters too, only
+        later): a 100,000-character prompt without spaces then costs what an
+        ordinary window-filling prompt costs. If a clipped row does not fill
+        the token window (a tail of unusually long tokens), the whole batch is
+        re-tokenized as the encoder alone would (its own character clip bounds
+        that too).
         """
         max_tokens = getattr(self.encoder, "max_tokens", None)
         tokenizer = getattr(self.encoder, "tokenizer", None)
@@ -82,10 +91,9 @@ class PromptTokenizer:
         for i, text in enumerate(texts):
             if len(text) > limit:
                 tail = text[-limit:]
-                match = _WHITESPACE.search(tail)
-                if match is not None and match.end() < len(tail) // 2:
-                    clipped[i] = tail[match.end():]
-                    rows.append(i)
+                match = _WHITESPACE.search(tail, 0, len(tail) // 2)
+                clipped[i] = tail[match.end():] if match is not None else text[-int(max_tokens) * TIGHT_CLIP_CHARS_PER_TOKEN:]
+                rows.append(i)
         batch = self.encoder.tokenize(clipped)
         if rows and bool((batch[_MASK][rows].sum(dim=1) < max_tokens).any()):
             self.clip_fallbacks += 1

@@ -102,8 +102,12 @@ class Loop:
 
 
 def start_loop(port: int, workdir: str, feedback_storage: StorageConfig | None = None,
-               feedback: dict[str, Any] | None = None, replicas: int = 2) -> Loop:
-    """Parameter server + learner + feedback actor with unique names, and a Router app on ``port``."""
+               feedback: dict[str, Any] | None = None, replicas: int = 2, router: dict[str, Any] | None = None,
+               before_serve: Callable[[], Any] | None = None, learner_config: dict[str, Any] | None = None) -> Loop:
+    """Parameter server + learner + feedback actor with unique names, and a Router app on ``port``.
+
+    ``router`` / ``learner_config`` override RouterConfig / learner config fields; ``before_serve`` runs after the actors exist and before the
+    app is deployed (the two-node scenario adds its worker node there, so the actors stay on the head)."""
     import ray
     from ray import serve
 
@@ -127,21 +131,26 @@ def start_loop(port: int, workdir: str, feedback_storage: StorageConfig | None =
     storage = StorageConfig(uri=os.path.join(workdir, prefix, "storage"))
     feedback_storage = feedback_storage or storage
     ps = get_or_create_parameter_server(names.parameter_server, NAMESPACE, storage)
+    learner_settings = {"checkpoint_every": 3, "replay_sample": 16, **(learner_config or {})}
     learner = get_or_create_learner_actor(
-        {"checkpoint_every": 3, "replay_sample": 16}, storage, policy.state(), name=names.learner,
+        learner_settings, storage, policy.state(), name=names.learner,
         parameter_server_name=names.parameter_server, num_cpus=0.1,
     )
     start = ray.get(learner.status.remote())["policy_version"]
     settings = {"learner_batch_size": 8, "learner_max_delay_s": 0.05, "unknown_grace_s": 0.5,
-                "spool_dir": os.path.join(workdir, prefix, "spool"), "spool_drain_interval_s": 0.2}
+                "spool_uri": os.path.join(workdir, prefix, "spool"), "spool_drain_interval_s": 0.2}
     settings.update(feedback or {})
     fb = get_or_create_detached_actor(
         FeedbackActor, names.feedback, NAMESPACE, settings, feedback_storage, names.learner, NAMESPACE,
         max_concurrency=10_000, num_cpus=0.1, max_task_retries=0,
     )
     ray.get(fb.ping.remote())
-    router = RouterConfig(app_name=prefix, num_replicas=replicas, num_cpus=0.1, num_gpus=0.0, ingress_num_cpus=0.1,
-                          torch_threads=1, seed=0, weights_poll_timeout_s=1.0)
+    router_settings = dict(app_name=prefix, num_replicas=replicas, num_cpus=0.1, num_gpus=0.0, ingress_num_cpus=0.1,
+                           torch_threads=1, seed=0, weights_poll_timeout_s=1.0)
+    router_settings.update(router or {})
+    router = RouterConfig(**router_settings)
+    if before_serve is not None:
+        before_serve()
     serve.run(router_application(wire_router(router, names)), name=prefix, route_prefix=f"/{prefix}", blocking=False)
     base = f"http://127.0.0.1:{port}/{prefix}"
     wait_healthy(base, 120)

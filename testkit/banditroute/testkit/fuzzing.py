@@ -32,6 +32,9 @@ KEYS = {"route": "route-key-1", "feedback": "feedback-key-1", "admin": "admin-ke
 KEY_VALUES = {"BANDITROUTE_TEST_ROUTE_KEYS": "route-key-1,route-key-2", "BANDITROUTE_TEST_FEEDBACK_KEYS": "feedback-key-1",
               "BANDITROUTE_TEST_ADMIN_KEYS": "admin-key-1"}
 MAX_BODY_BYTES = 64 * 1024
+FEEDBACK_MAX_BODY_BYTES = 16 * 1024
+MAX_BATCH_CHARS = 30_000
+CHAT_MAX_TOKENS = 512
 MODELS = ("big-model", "mid-model", "small-model")
 
 ENDPOINTS = {  # path -> (method, key group or None)
@@ -133,6 +136,27 @@ def _deep(depth: int, rng: random.Random) -> bytes:
     return opener * depth + b"1" + closer * depth
 
 
+def _over_a_bound(rng: random.Random, ctx: FuzzContext) -> tuple[str, str, bytes]:
+    """(path, method, body) of a request past one of the request bounds (413 or 422 expected)."""
+    prompt = rng.choice(ctx.prompts)
+    choice = rng.randint(0, 5)
+    if choice == 0:  # a feedback body over its 16 KiB (under the route limit)
+        body = {"decision_id": rng.choice(ctx.tokens), "score": 0.5, "pad": "z" * (FEEDBACK_MAX_BODY_BYTES + rng.randint(1, 20_000))}
+        return "/v1/feedback", "POST", json.dumps(body).encode()
+    if choice == 1:  # a batch whose prompts together exceed limits.max_batch_chars
+        return "/v1/route/batch", "POST", json.dumps({"prompts": ["w " * 2_500] * 8}).encode()
+    chat = {"model": "banditroute", "messages": [{"role": "user", "content": prompt}]}
+    if choice == 2:
+        chat["n"] = rng.choice([2, 5, 100, 0, -1, "2", 1.5])
+    elif choice == 3:
+        chat[rng.choice(["max_tokens", "max_completion_tokens"])] = rng.choice([CHAT_MAX_TOKENS + 1, 10**6, 0, "many", True])
+    elif choice == 4:
+        chat[rng.choice(["logit_bias_x", "functions", "store", "metadata", "prediction"])] = {"a": 1}
+    else:  # a big route body, parsed off the event loop (valid JSON; the prompt itself is over max_prompt_chars)
+        return "/v1/route", "POST", json.dumps({"prompt": "p" * 30_000, "preference": {"quality": 0.5, "cost": 0.5}}).encode()
+    return "/v1/chat/completions", "POST", json.dumps(chat).encode()
+
+
 # --- the generator ----------------------------------------------------------------------------------------------
 
 
@@ -141,7 +165,8 @@ def generate(rng: random.Random, n: int, ctx: FuzzContext) -> Iterator[FuzzReque
     paths = list(ENDPOINTS)
     posts = [p for p in paths if ENDPOINTS[p][0] == "POST"]
     kinds = ["random_json", "broken_field", "broken_field", "invalid_utf8", "content_type", "truncated", "nonfinite",
-             "deep", "oversized", "auth", "token", "token", "path", "method", "valid", "huge_value", "empty"]
+             "deep", "oversized", "auth", "token", "token", "path", "method", "valid", "huge_value", "empty",
+             "bounds", "docs"]
     for _ in range(n):
         kind = rng.choice(kinds)
         path = rng.choice(posts) if kind not in ("auth", "path", "method") else rng.choice(paths)
@@ -180,6 +205,11 @@ def generate(rng: random.Random, n: int, ctx: FuzzContext) -> Iterator[FuzzReque
         elif kind == "huge_value":
             key = rng.choice(list(valid) or ["prompt"])
             content = json.dumps(dict(valid, **{key: rng.choice(["y" * 60_000, list(range(6000)), {str(i): i for i in range(3000)}])})).encode()
+        elif kind == "bounds":  # the per-request bounds: group body limits, batch text, chat forwarding caps
+            path, method, content = _over_a_bound(rng, ctx)
+            headers = {"content-type": "application/json", "x-api-key": KEYS[ENDPOINTS[path][1]]}
+        elif kind == "docs":
+            path, method, content = rng.choice(["/docs", "/redoc", "/openapi.json"]), "GET", b""
         elif kind == "empty":
             content = rng.choice([b"", b" ", b"null", b"{}", b"[]", b'""', b"0"])
         elif kind == "auth":
@@ -299,10 +329,11 @@ async def run(base_url: str, requests: list[FuzzRequest], concurrency: int = 16,
 # --- the app under test -------------------------------------------------------------------------------------------
 
 
-def deploy_secured_app(folder: Path, port: int, app_name: str) -> dict[str, Any]:
+def deploy_secured_app(folder: Path, port: int, app_name: str, limits: dict[str, Any] | None = None) -> dict[str, Any]:
     """Deploy the router (1 Router + 1 ingress replica, replay upstream, feedback actor) with API keys on
     every group and max_body_bytes = MAX_BODY_BYTES; wait for /healthz. The key and secret env vars must
-    already be in the replicas' environment. Returns base URL, names and a ``cleanup()``."""
+    already be in the replicas' environment. ``limits``: router.limits (e.g. a rate limit). Returns base
+    URL, names and a ``cleanup()``."""
     import httpx
     import ray
     from ray import serve
@@ -325,7 +356,10 @@ def deploy_secured_app(folder: Path, port: int, app_name: str) -> dict[str, Any]
         "decision_sink": "feedback-actor", "decision_sink_options": {"name": feedback_name, "namespace": NAMESPACE},
         "replay": {"enabled": True, "data_path": str(data_path)},
         "security": {"route_api_keys_env": KEY_ENVS["route"], "feedback_api_keys_env": KEY_ENVS["feedback"],
-                     "admin_api_keys_env": KEY_ENVS["admin"], "max_body_bytes": MAX_BODY_BYTES, "max_reward_cost_usd": 10.0},
+                     "admin_api_keys_env": KEY_ENVS["admin"], "max_body_bytes": MAX_BODY_BYTES, "max_reward_cost_usd": 10.0,
+                     "feedback_max_body_bytes": FEEDBACK_MAX_BODY_BYTES},
+        "limits": {"max_batch_chars": MAX_BATCH_CHARS, "chat_max_tokens": CHAT_MAX_TOKENS,
+                   "json_thread_min_bytes": 16 * 1024, **(limits or {})},
     }
     serve.run(build_app({"router": config}), name=app_name, route_prefix="/")
     base = f"http://127.0.0.1:{port}"

@@ -22,6 +22,7 @@ FLAG_KEYS: dict[str, tuple[str, ...]] = {
     "num_cpus": ("start.num_cpus",),
     "storage": ("storage.uri",),
     "endpoint_url": ("storage.endpoint_url",),
+    "allow_open": ("router.security.allow_open_bind",),
 }
 _PATH_FLAGS = ("policy", "storage")
 
@@ -38,8 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           f"(storage.uri; default {DEFAULT_SERVE_STORAGE}, kept across restarts)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint for --storage s3://... (storage.endpoint_url; MinIO)")
     parser.add_argument("--host", help="HTTP interface (router.host; default 127.0.0.1)")
+    parser.add_argument("--allow-open", action="store_true", default=None,
+                        help="serve a non-loopback --host even though the route or feedback API has no keys "
+                             "(router.security.allow_open_bind; refused otherwise)")
     parser.add_argument("--port", type=int, help="HTTP port (router.port; default 8000; 0 = a free port)")
-    parser.add_argument("--replicas", type=int, help="Router replicas (router.num_replicas; default 1)")
+    parser.add_argument("--replicas", type=int, help="replicas that decide (router.num_replicas; default 1): the ingress replicas with "
+                                                   "placement auto on CPU, Router replicas on a GPU with MiniLM")
     parser.add_argument("--config", help="application config YAML (configs/app.example.yaml: start, router, storage, online, ...)")
     parser.add_argument("--replay-data", metavar="PATH", help="start the replay upstream on this routing data (router.replay.*)")
     parser.add_argument("--replay", action="store_true", help="start the replay upstream on the default routing data")
@@ -73,6 +78,9 @@ def overrides_from_flags(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from banditroute.cluster.runner import check_serve, load_serve_config, serve_until_stopped
 
+    from banditroute.core.security import check_open_bind
+
     app = load_serve_config(args.config, overrides_from_flags(args), frozen=args.frozen)
+    check_open_bind(app.router.host, app.router.security)
     check_serve(app)
     return serve_until_stopped(app, args.ready_timeout, args.metrics_port)

@@ -23,8 +23,9 @@ FLAG_KEYS: dict[str, tuple[str, ...]] = {
     "storage": ("storage.uri",),
     "endpoint_url": ("storage.endpoint_url",),
     "seed": ("up.seed", "router.seed"),
+    "scenario": ("up.scenario",),
 }
-_PATH_FLAGS = ("data", "policy", "out")
+_PATH_FLAGS = ("data", "policy", "out", "scenario")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,13 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", choices=list(COLD_START_ENCODERS),
                         help="cold-start encoder (up.cold_start.encoder): minilm (default), static (model2vec distilled "
                              "from MiniLM, ~130x faster on CPU) or hashing (smoke runs)")
-    parser.add_argument("--replicas", type=int, help="Router replicas (router.num_replicas; default 2)")
+    parser.add_argument("--replicas", type=int, help="replicas that decide (router.num_replicas; default 2; inline ingress replicas on CPU)")
     parser.add_argument("--concurrency", type=int, help="requests the replay driver keeps in flight (up.concurrency; default 16)")
     parser.add_argument("--port", type=int, help="Serve HTTP port on 127.0.0.1 (router.port; default: a free port)")
     parser.add_argument("--storage", help="event log + checkpoint storage: a folder or s3://bucket/prefix "
                                           "(storage.uri; default OUT/storage/run-<time>)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint for --storage s3://... (storage.endpoint_url; MinIO, moto)")
     parser.add_argument("--seed", type=int, help="seed of the cold-start weights, the traffic and the replicas' samplers (default 0)")
+    parser.add_argument("--scenario", help="scripted run (up.scenario): a YAML of withhold / budget_usd_per_1k / events "
+                                           "(onboard, price) applied through the admin API; --policy must be an identity policy")
     parser.add_argument("--config", help="application config YAML (configs/app.example.yaml: router, feedback, learner, "
                                          "storage, online, up sections)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -1,0 +1,188 @@
+"""Run a scenario (cluster/scenario.py): the identity policy served, events applied through the admin API.
+
+What runs: the router app serving a COPY of the identity checkpoint
+(``<up.out>/policy``: the scenario's registry changes never touch the
+source), placement as configured, with the admin API enabled under a key
+made for this run. The online loop is off: the online learner trains BaRP
+only (issue 15 item 1), so the served identity policy does not learn here
+and no feedback is posted; what changes routing is the registry: models
+withheld at the start, onboarded from a quiz answered with the data's
+outcomes, and price changes that the driver also charges from then on.
+
+``summary.json`` holds the usual traffic figures plus ``events`` (each
+event's model, its traffic share and the mean reward over the ``window``
+decisions before and after) and ``spend_usd_per_1k`` {whole, last_half}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from banditroute.cluster.config import AppConfig
+from banditroute.cluster.scenario import ScenarioConfig, event_effect, load_scenario, most_used, spend_per_1k
+from banditroute.cluster.traffic import TrafficState, drive_traffic
+from banditroute.core.config import ConfigError
+
+ADMIN_KEY_ENV = "BANDITROUTE_SCENARIO_ADMIN_KEY"
+"""Environment variable holding this run's admin key (made fresh per run; replicas inherit it)."""
+QUIZ_POOL_ROWS = 500
+"""Onboarding: the model's first this-many scored prompts of the data are the pool the adaptive quiz picks from."""
+SETTLE_AFTER_EVENT_S = 1.0
+"""Pause after an event so every replica serves the new registry version (they re-read it every 0.5 s)."""
+
+
+def prepare_policy(source: str, out: Path, withhold: list[str]) -> Any:
+    """Copy the identity checkpoint ``source`` to ``out`` (own registry beside it), withheld models retired."""
+    from banditroute.policy.checkpoint import checkpoint_kind
+    from banditroute.policy.identity_policy import IdentityPolicy
+
+    if checkpoint_kind(source) != "identity":
+        raise ConfigError(f"up.scenario: the served policy must be an identity policy (--policy CKPT from "
+                          f"`banditroute train --kind identity`); {source} is {checkpoint_kind(source)!r}")
+    policy = IdentityPolicy.load(source, registry_refresh_s=None)
+    registry = policy.registry.copy()
+    if out.exists():
+        shutil.rmtree(out)
+    policy.registry, policy.meta.registry_uri = registry, ""
+    policy.save(out)  # registry.json beside the weights; the registry persists there from now on
+    for name in withhold:
+        registry.retire(name)
+    return policy
+
+
+def run_scenario(app: AppConfig) -> dict[str, Any]:
+    """`banditroute up --scenario FILE`: serve the identity policy, drive traffic, apply the events, write summary.json."""
+    import logging
+
+    from banditroute.cluster.runner import running_application
+    from banditroute.core.data import load_routing_data, resolve_data_path
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    up = app.up
+    scenario = load_scenario(up.scenario)
+    source = app.online.initial_policy or app.router.policy
+    if source is None:
+        raise ConfigError("up.scenario: give the identity policy to serve with --policy CKPT")
+    out = Path(up.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_routing_data(resolve_data_path(up.data))
+    policy = prepare_policy(source, out / "policy", scenario.withhold)
+    scenario.check_models(list(data.models), policy.registry.all_models)
+
+    os.environ[ADMIN_KEY_ENV] = admin_key = secrets.token_hex(16)
+    run_app = copy.deepcopy(app)
+    run_app.online.enabled = False
+    run_app.router.policy = str(out / "policy")
+    run_app.router.parameter_server_name = None
+    run_app.router.learner_actor_name = None
+    run_app.router.decision_sink = "local"
+    run_app.router.decision_sink_options = {"path": str(out / "decisions")}
+    run_app.router.security.admin_api_keys_env = ADMIN_KEY_ENV
+    if hasattr(run_app.router.security, "admin_max_body_bytes"):  # an onboarding quiz carries its answers
+        run_app.router.security.admin_max_body_bytes = max(run_app.router.security.admin_max_body_bytes, 4 * 1024 * 1024)
+    print(f"banditroute up --scenario {up.scenario}: identity policy {source} (copy in {out / 'policy'}), pool "
+          f"{policy.registry.models}, withheld {scenario.withhold}; {len(scenario.events)} events", flush=True)
+    with running_application(run_app, None, up.ready_timeout_s, final_checkpoint=False,
+                             include_dashboard=False, log_to_driver=False) as running:
+        state = TrafficState(list(data.models), min(up.curve_window, max(1, up.max_decisions or up.curve_window)))
+        events: list[dict[str, Any]] = []
+        started = time.monotonic()
+        asyncio.run(_drive(running.base_url, data, policy.tau, list(running.health["models"]), state, up, scenario,
+                           admin_key, events))
+        drive_s = time.monotonic() - started
+    summary = scenario_summary(state, scenario, events, policy.tau, drive_s, source)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for e in summary["events"]:
+        print(f"event at {e['at']}: {e['kind']} {e['model']}: share {e['share_before']} -> {e['share_after']}, "
+              f"reward {e['reward_before']} -> {e['reward_after']}", flush=True)
+    print(f"spend USD/1k requests: {summary['spend_usd_per_1k']}; budget {scenario.budget_usd_per_1k}", flush=True)
+    print(out / "summary.json", flush=True)
+    return summary
+
+
+async def _drive(base_url: str, data, tau: float, pool: list[str], state: TrafficState, up, scenario: ScenarioConfig,
+                 admin_key: str, events: list[dict[str, Any]]) -> None:
+    pending = list(scenario.events)
+    factors: dict[str, float] = {}
+    lock = asyncio.Lock()
+    headers = {"x-api-key": admin_key}
+
+    async def before_request(client) -> None:
+        if not pending or state.claimed < pending[0].at:
+            return
+        async with lock:
+            while pending and state.claimed >= pending[0].at:
+                while state.decisions < state.claimed:  # the requests in flight finish first: `at` is exact
+                    await asyncio.sleep(0.01)
+                event = pending.pop(0)
+                events.append(await _apply(client, event, data, state, scenario.window, factors, headers))
+                await asyncio.sleep(SETTLE_AFTER_EVENT_S)
+
+    await drive_traffic(base_url, data, tau, pool, state, up.max_decisions, up.concurrency, up.seed,
+                        up.max_error_fraction, asyncio.Event(), post_feedback=False, price_factors=factors,
+                        before_request=before_request)
+
+
+async def _apply(client, event, data, state: TrafficState, window: int, factors: dict[str, float],
+                 headers: dict[str, str]) -> dict[str, Any]:
+    at = state.decisions
+    if event.onboard is not None:
+        from banditroute.policy.onboard import quiz_results_from_data
+
+        quiz = quiz_results_from_data(data, event.onboard)
+        model = event.onboard
+        price = float(np.nanmean(data.costs[:, data.model_index(model)]))
+        body = {"name": model, "price": price, "replace": True, "quiz_size": event.quiz,
+                "quiz": [{"prompt": p, "score": float(s)} for p, s in zip(quiz.prompts[:QUIZ_POOL_ROWS], quiz.scores[:QUIZ_POOL_ROWS])]}
+        resp = await client.post("/v1/admin/models", json=body, headers=headers, timeout=600.0)
+    else:
+        chosen = [state.models[k] for k in state.chosen]
+        model = most_used(chosen, at, window) if event.price == "top" else event.price
+        listed = (await client.get("/v1/admin/models", headers=headers)).json()
+        current = next(m["price"] for m in listed["models"] if m["name"] == model)
+        price = current * event.factor if event.factor is not None else float(event.usd)
+        resp = await client.patch(f"/v1/admin/models/{model}", json={"price": price}, headers=headers)
+        if resp.status_code == 200:  # the driver charges the new price too: the logged cost scaled alike
+            factors[model] = factors.get(model, 1.0) * (price / current if current > 0 else 1.0)
+    if resp.status_code not in (200, 201):
+        raise RuntimeError(f"scenario event at {event.at} ({event.kind} {model}) refused: HTTP {resp.status_code} {resp.text[:300]}")
+    answer = resp.json()
+    print(f"event at decision {at}: {event.kind} {model} (price {price:.6g} USD/call, registry v{answer['registry_version']})",
+          flush=True)
+    return {"at": at, "kind": event.kind, "model": model, "price": price, "registry_version": answer["registry_version"]}
+
+
+def scenario_summary(state: TrafficState, scenario: ScenarioConfig, events: list[dict[str, Any]], tau: float,
+                     drive_s: float, source: str) -> dict[str, Any]:
+    """summary.json of a scenario run (pure over what the driver recorded)."""
+    chosen = [state.models[k] for k in state.chosen]
+    effects = [dict(e, **event_effect(e["at"], e["model"], chosen, state.rewards, scenario.window)) for e in events]
+    spend = spend_per_1k(state.costs)
+    budget = scenario.budget_usd_per_1k
+    return {
+        "decisions": state.decisions,
+        "policy": source,
+        "policy_kind": "identity",
+        "withheld": scenario.withhold,
+        "events": effects,
+        "spend_usd_per_1k": spend,
+        "budget_usd_per_1k": budget,
+        "budget_error_last_half": (spend["last_half"] / budget - 1.0) if budget and spend["last_half"] is not None else None,
+        "mean_reward": float(np.mean(state.rewards)) if state.rewards else None,
+        "reward_curve": state.reward_curve,
+        "traffic_share_final": state.share(state.window),
+        "decisions_per_s": state.decisions / drive_s if drive_s > 0 else None,
+        "route_errors": state.route_errors,
+        "last_error": state.last_error,
+        "tau": tau,
+    }
