@@ -42,14 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_prompts(data: str | None, prompts: str | None, limit: int, seed: int = 0) -> list[str]:
-    """Prompt texts from a routing-data file (.parquet/.csv/.pkl) or a JSON list of strings."""
+    """Prompt texts from a routing-data file (Parquet only: no pickle from disk) or a JSON list of strings."""
     if prompts:
         texts = json.loads(Path(prompts).read_text())
     else:
         import pandas as pd
 
         path = Path(data)
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else (pd.read_csv(path) if path.suffix == ".csv" else pd.read_pickle(path))
+        frame = pd.read_parquet(path)
         texts = [str(p) for p in frame["prompt"]]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(texts))[:limit]

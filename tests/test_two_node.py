@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,8 +24,11 @@ def test_worker_node_lost_under_load_then_rejoined(tmp_path):
     out = tmp_path / "row.json"
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "banditroute.testkit.two_node", "--out", str(out), "--n", "60"],
-                          env=env, capture_output=True, text=True, timeout=560)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "banditroute.testkit.two_node", "--out", str(out), "--n", "60"],
+                              env=env, capture_output=True, text=True, timeout=560)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(out.read_text())
     # placement: one Router replica per node, the loop's actors on the head

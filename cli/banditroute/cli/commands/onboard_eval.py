@@ -12,7 +12,7 @@ HELP = "train an identity policy without a model, onboard it with each quiz size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="routing data (.parquet/.csv/.pkl, RouterBench layout)")
+    parser.add_argument("--data", required=True, help="routing data (Parquet, RouterBench layout)")
     parser.add_argument("--holdout-model", required=True, help="the model to hold out of training and onboard")
     parser.add_argument("--quiz", default="10,20,50", help="comma-separated quiz sizes (default 10,20,50)")
     parser.add_argument("--out", required=True, help="output folder for onboard.json (+ onboard_details.json, onboard.md)")

@@ -16,7 +16,7 @@ HELP = "train the routing policy under bandit feedback; prints the checkpoint pa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help="routing data (.parquet/.csv/.pkl, RouterBench layout); default: ../shared/data/routerbench/train.parquet")
+    parser.add_argument("--data", help="routing data (Parquet, RouterBench layout); default: ../shared/data/routerbench/train.parquet")
     parser.add_argument("--out", required=True, help="output folder; the checkpoint goes to OUT/policy")
     parser.add_argument("--seed", type=int, help="random seed (overrides the config)")
     parser.add_argument("--config", help="YAML file with `train:` and `encoder:` sections")
