@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TOKEN_SECRET_ENV = "BANDITROUTE_TOKEN_SECRET"
 os.environ.setdefault(TOKEN_SECRET_ENV, "test-secret-" + os.urandom(16).hex())
 # API keys per endpoint group for apps deployed with security.*_api_keys_env naming these (test_security, test_fuzz).
-TEST_API_KEYS = {"BANDITROUTE_TEST_ROUTE_KEYS": "route-key-1,route-key-2", "BANDITROUTE_TEST_FEEDBACK_KEYS": "feedback-key-1",
+TEST_API_KEYS = {"BANDITROUTE_TEST_ROUTE_KEYS": "route-key-1,route-key-2", "BANDITROUTE_TEST_FEEDBACK_KEYS": "feedback-key-1,route-key-2",
                  "BANDITROUTE_TEST_ADMIN_KEYS": "admin-key-1"}
 os.environ.update(TEST_API_KEYS)
 

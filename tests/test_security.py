@@ -273,7 +273,7 @@ def test_live_api_keys_body_limit_and_token_rejections(secured):
         for reason, n in (("token_unsigned", 1), ("token_tampered", 2), ("token_malformed", 1), ("token_expired", 1),
                           ("token_replayed", 1), ("body_too_large", 2)):
             assert counts.get(reason, 0) - before.get(reason, 0) == n, (reason, counts, before)
-        assert after["api_keys"] == {"route": "2 key(s)", "feedback": "1 key(s)", "admin": "1 key(s)"} and after["signed_tokens"]
+        assert after["api_keys"] == {"route": "2 key(s)", "feedback": "2 key(s)", "admin": "1 key(s)"} and after["signed_tokens"]
 
 
 @pytest.mark.ray
@@ -289,6 +289,13 @@ def test_live_request_bounds_key_binding_docs_and_rate_limit(secured):
         assert r.status_code == 413 and r.json()["error"]["field"] == "body" and "feedback_max_body_bytes" in r.json()["error"]["message"]
         # a dedicated feedback key (a grader) may reward any route key's decision
         assert fb.post("/v1/feedback", json={"decision_id": token, "score": 0.5}).status_code == 200
+        # route-key-2 may also post feedback, but only for decisions it routed: not route-key-1's
+        other_token = client.post("/v1/route", json={"prompt": prompt}).json()["decision_id"]
+        with _client(base, "route-key-2") as other:
+            r = other.post("/v1/feedback", json={"decision_id": other_token, "score": 0.5})
+            assert r.status_code == 403 and r.json()["error"]["field"] == "decision_id", r.text
+            own = other.post("/v1/route", json={"prompt": prompt}).json()["decision_id"]
+            assert other.post("/v1/feedback", json={"decision_id": own, "score": 0.5}).status_code == 200
         for path in ("/docs", "/redoc", "/openapi.json"):  # off by default
             r = client.get(path)
             assert r.status_code == 404 and r.json()["error"]["field"] == "path", path

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 # Env var NAMES holding the test keys (tests/conftest.py and bench/fuzz.py put them in the replicas' env).
 KEY_ENVS = {"route": "BANDITROUTE_TEST_ROUTE_KEYS", "feedback": "BANDITROUTE_TEST_FEEDBACK_KEYS", "admin": "BANDITROUTE_TEST_ADMIN_KEYS"}
 KEYS = {"route": "route-key-1", "feedback": "feedback-key-1", "admin": "admin-key-1"}
-KEY_VALUES = {"BANDITROUTE_TEST_ROUTE_KEYS": "route-key-1,route-key-2", "BANDITROUTE_TEST_FEEDBACK_KEYS": "feedback-key-1",
+KEY_VALUES = {"BANDITROUTE_TEST_ROUTE_KEYS": "route-key-1,route-key-2", "BANDITROUTE_TEST_FEEDBACK_KEYS": "feedback-key-1,route-key-2",
               "BANDITROUTE_TEST_ADMIN_KEYS": "admin-key-1"}
 MAX_BODY_BYTES = 64 * 1024
 FEEDBACK_MAX_BODY_BYTES = 16 * 1024
