@@ -2,12 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-export RAY_AUTH_MODE ?= disabled
+# Ray's control plane: `make run` uses token auth (start.ray_auth); the tests set RAY_AUTH_MODE=disabled themselves.
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench audit clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ test: install
 
 bench: install
 	$(BIN)/python bench/serve_bench.py --out bench/results
+
+# Release step, not CI: needs PyPI's JSON API or OSV, which this network does not reach (docs/deploy.md).
+audit:
+	pip-audit -r requirements/image.lock --require-hashes --disable-pip --progress-spinner off
+	pip-audit -r requirements/image-gpu.lock --require-hashes --disable-pip --progress-spinner off
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

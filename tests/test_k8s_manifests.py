@@ -495,6 +495,18 @@ def test_serve_args_are_the_application_config(rendered, target):
     assert app.storage.is_s3 and app.router.security.admin_api_keys_env == "BANDITROUTE_ADMIN_KEYS"
 
 
+@pytest.mark.parametrize("target", ["k8s/overlays/dev", "k8s/overlays/prod", "k8s/overlays/prod-ha"])
+def test_listed_deployments_match_the_placement(rendered, target):
+    """Serve refuses a config listing a deployment the app does not build ('Router' with placement inline)."""
+    from banditroute.cluster.app import deployment_options
+    from banditroute.cluster.config import app_config_from_args
+
+    served = serve_app(rendered_service(rendered, target))
+    app = app_config_from_args(served["args"], environ={})
+    assert app.router.placement in ("inline", "replica"), "k8s: set router.placement; auto is decided on the head, not the GPU pods"
+    assert {d["name"] for d in served["deployments"]} == set(deployment_options(app.router, app.router.placement))
+
+
 def test_dev_is_cpu_only_with_one_replica(rendered):
     service = rendered_service(rendered, "k8s/overlays/dev")
     cluster = cluster_spec(service)

@@ -115,15 +115,21 @@ PROBE = textwrap.dedent("""
     import ray
     from ray._raylet import get_authentication_mode
     get_authentication_mode()  # as the CLI does: Ray has read RAY_AUTH_MODE=disabled and cached it
-    if sys.argv[1] == "with-helper":
-        from banditroute.cluster.ray_auth import enable_local_token_auth
-        print("AUTH", enable_local_token_auth().describe(), flush=True)
-    ctx = ray.init(num_cpus=1, include_dashboard=False)
+    if sys.argv[1] == "with-helper":  # the way `banditroute serve`/`up` start their embedded Ray
+        from banditroute.cluster.config import AppConfig
+        from banditroute.cluster.launch import start_ray
+        app = AppConfig()
+        app.start.num_cpus = 1
+        start_ray(app)
+        print("AUTH", os.environ["RAY_AUTH_MODE"], os.environ.get("RAY_AUTH_TOKEN_PATH"), flush=True)
+    else:
+        ray.init(num_cpus=1, include_dashboard=False)
+    gcs_address = ray.get_runtime_context().gcs_address
     print("TASK", ray.get(ray.remote(lambda: 41 + 1).remote()), flush=True)
     outsider = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     outsider.update(RAY_AUTH_MODE="disabled", HOME=sys.argv[2])
     probe = "import ray, sys; ray.init(address=sys.argv[1]); print('OUTSIDER_CONNECTED')"
-    out = subprocess.run([sys.executable, "-c", probe, ctx.address_info["gcs_address"]], env=outsider,
+    out = subprocess.run([sys.executable, "-c", probe, gcs_address], env=outsider,
                          capture_output=True, text=True, timeout=180)
     print("OUTSIDER", "connected" if "OUTSIDER_CONNECTED" in out.stdout else "refused", flush=True)
     ray.shutdown()
@@ -146,6 +152,6 @@ def test_embedded_cluster_refuses_a_client_without_the_token(tmp_path):
                             capture_output=True, text=True, timeout=400)
     lines = [line for line in result.stdout.splitlines() if line.split(" ", 1)[0] in {"AUTH", "TASK", "OUTSIDER"}]
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert lines == [f"AUTH Ray control plane: token auth, token in {home / '.ray' / 'auth_token'}",
+    assert lines == [f"AUTH token {home / '.ray' / 'auth_token'}",
                      "TASK 42", "OUTSIDER refused"], result.stderr[-4000:]
     assert stat.S_IMODE((home / ".ray" / "auth_token").stat().st_mode) == 0o600

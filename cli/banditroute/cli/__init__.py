@@ -31,7 +31,6 @@ def _set_runtime_defaults() -> None:
     """Defaults every entry point wants; explicit environment settings win."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 

@@ -45,6 +45,7 @@ from banditroute.feedback.config import FeedbackConfig
 from banditroute.learner.config import LearnerConfig
 from banditroute.policy.experiments import ExperimentConfig
 from banditroute.serve.config import RouterConfig
+from banditroute.serve.tenant_config import TenantConfig
 
 ENV_PREFIX = "BANDITROUTE__"
 """Environment variables ``BANDITROUTE__A__B=value`` override config key ``a.b``."""
@@ -70,8 +71,14 @@ class StartConfig:
     keep_idle_workers: bool = False
     """Local mode: Ray's idle Python workers (prestarted, and kept after tasks, up to one per CPU); off ends them once
     idle, saving ~80-120 MB RSS each (replicas and actors have processes of their own; a later task waits ~1 s for one)."""
+    ray_auth: Literal["token", "disabled"] = "token"
+    """Local mode: Ray's control-plane auth. 'token': every Ray RPC and the dashboard need the token in ~/.ray/auth_token
+    (0600, made on first use); an embedded Ray listens on every interface (docs/reliability.md). An explicit
+    RAY_AUTH_MODE in the environment wins (the tests set 'disabled')."""
 
     def validate(self) -> None:
+        if self.ray_auth not in ("token", "disabled"):
+            raise ValueError(f"start.ray_auth: must be 'token' or 'disabled', got {self.ray_auth!r}")
         if self.mode == "cluster" and not self.address:
             raise ValueError("start.address: required when start.mode is 'cluster' (e.g. 'auto' or 'ray://head:10001')")
         if self.mode == "local" and self.address:
@@ -240,6 +247,9 @@ class AppConfig:
     experiments: list[ExperimentConfig] = field(default_factory=list)
     """A/B experiments (name, arms with weights, a fixed ``model`` per arm or none): copied to ``router.experiments``,
     which the replicas apply; docs/operations.md."""
+    tenants: list[TenantConfig] = field(default_factory=list)
+    """API key -> tenant (keys, default preference, candidate allow-list, rate limit): copied to ``router.tenants``;
+    docs/operations.md."""
 
     def validate(self) -> None:
         from banditroute.policy.model_registry import check_prices
@@ -299,6 +309,10 @@ def app_config_from_merged(merged: Mapping[str, Any]) -> AppConfig:
             router_section = merged.setdefault("router", {})
             if isinstance(router_section, dict):
                 router_section["experiments"] = merged["experiments"]
+        if merged.get("tenants") is not None:  # likewise: the ingress replicas read it from router
+            router_section = merged.setdefault("router", {})
+            if isinstance(router_section, dict):
+                router_section["tenants"] = merged["tenants"]
         online = merged.get("online")
         if isinstance(online, dict):
             # The loop's parameter server is where the routers get weights: a router

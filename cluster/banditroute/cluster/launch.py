@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 from typing import Any
 
 from banditroute.cluster.config import AppConfig
 from banditroute.core.config import to_dict
 from banditroute.serve.config import RouterConfig
+
+logger = logging.getLogger(__name__)
 
 IMPORT_PATH = "banditroute.cluster.app:build_app"
 """The Serve application builder every config points at."""
@@ -54,6 +57,11 @@ def start_ray(app: AppConfig, **init_kwargs: Any) -> bool:
         ensure_local_secret(app.router.security)
         kwargs: dict[str, Any] = {"namespace": app.start.namespace, "runtime_env": {"env_vars": env_vars}}
         if not os.environ.get("RAY_ADDRESS"):  # else ray.init joins that cluster, which refuses node settings
+            from banditroute.cluster.ray_auth import enable_local_token_auth
+
+            # Before ray.init: the embedded cluster's processes inherit the mode and the token path.
+            auth = enable_local_token_auth(app.start.ray_auth)
+            (logger.info if auth.mode == "token" else logger.warning)(auth.describe())
             kwargs["include_dashboard"] = app.start.include_dashboard
             if not app.start.keep_idle_workers:
                 kwargs["_system_config"] = dict(IDLE_WORKERS_OFF)

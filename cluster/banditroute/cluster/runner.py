@@ -44,9 +44,9 @@ DEFAULT_SERVE_STORAGE = "runs/serve/storage"
 SERVE_DEFAULTS: dict[str, Any] = {"online": {"enabled": True}, "storage": {"uri": DEFAULT_SERVE_STORAGE}}
 """`banditroute serve`'s defaults, under the config file: the online loop on, over local storage."""
 
-RUNTIME_ENV_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-                        "TOKENIZERS_PARALLELISM": "false"}
-"""Environment a local run sets unless the caller's environment says otherwise."""
+RUNTIME_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+"""Environment a local run sets unless the caller's environment says otherwise (Ray's auth mode is start.ray_auth:
+it must never be set here or in a runtime_env, where 'disabled' on a token cluster stops workers registering)."""
 
 WILDCARD_HOSTS = ("0.0.0.0", "::")
 
@@ -110,7 +110,12 @@ def seed_policy_state(app: AppConfig) -> dict[str, Any] | None:
     seed = app.online.initial_policy or app.router.policy
     if seed is None:
         return None
-    return load_policy_at(seed, app.storage, field="online.initial_policy", kinds=ONLINE_KINDS).state()
+    state = load_policy_at(seed, app.storage, field="online.initial_policy", kinds=ONLINE_KINDS).state()
+    meta = state["meta"]
+    if meta.get("kind") == "identity" and not meta.get("registry_uri") and "://" not in seed:
+        # the learner and the replicas must share ONE live registry: the seed checkpoint's own (the pool admin's too)
+        meta["registry_uri"] = str((Path(seed).expanduser() / "registry.json").resolve())
+    return state
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -117,7 +117,8 @@ class RouterService:
         self.rows_decided = 0
         self.set_batching(cfg.max_batch_size, cfg.batch_wait_timeout_s)
 
-        self.m_decisions = metric("counter", "banditroute_decisions_total", "Routing decisions by chosen model and mode.", ("model", "mode"))
+        self.m_decisions = metric("counter", "banditroute_decisions_total", "Routing decisions by chosen model, mode and tenant.",
+                                  ("model", "mode", "tenant"))
         self.m_batch = metric("histogram", "banditroute_batch_size", "Requests per inference batch.", (), BATCH_BOUNDARIES)
         self.m_infer = metric("histogram", "banditroute_inference_ms", "Encoder + policy + logging time per batch (ms).", (), LATENCY_BOUNDARIES_MS)
         self.m_version = metric("gauge", "banditroute_policy_version", "Policy version served by this replica.", ("replica_id",))
@@ -185,9 +186,9 @@ class RouterService:
         self.batches_run += 1
         self.rows_decided += len(reqs)
         self.m_infer.observe((time.perf_counter() - start) * 1000.0)
-        counts = Counter((r.model, r.mode) for r in results if r.ok)
-        for (model, mode), n in counts.items():  # one metric update per (model, mode) of the batch, not per decision
-            self.m_decisions.inc(n, tags={"model": model, "mode": mode})
+        counts = Counter((r.model, r.mode, r.decision.tenant) for r in results if r.ok)  # type: ignore[union-attr]
+        for (model, mode, tenant), n in counts.items():  # one metric update per (model, mode, tenant) of the batch
+            self.m_decisions.inc(n, tags={"model": model, "mode": mode, "tenant": tenant})
         return [self._package(r, q) for r, q in zip(results, reqs)]
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=PIPELINE_DEPTH)
@@ -233,6 +234,7 @@ class RouterService:
         return {
             "replica_id": self.replica_id,
             "policy_version": self.core.policy_version,
+            "policy_kind": getattr(self.core.policy, "kind", None),  # barp | value | identity
             "models": self.core.models,
             "encoder_id": self.core.encoder_id,
             "device": str(self.core.device),

@@ -117,7 +117,7 @@ def start_loop(port: int, workdir: str, feedback_storage: StorageConfig | None =
     from banditroute.core.actors import get_or_create_detached_actor
     from banditroute.core.names import NAMESPACE, ActorNames
     from banditroute.feedback.actor import FeedbackActor
-    from banditroute.learner.actor import get_or_create_learner_actor
+    from banditroute.learner.actor_handles import get_or_create_learner_actor
     from banditroute.learner.param_server import get_or_create_parameter_server
     from banditroute.serve.config import RouterConfig
     from banditroute.serve.testing import hashing_policy
@@ -269,10 +269,13 @@ def router_replica_actors(app: str) -> list[tuple[str, str]]:
 
 
 def kill_router_replica(port: int, workdir: str, n: int = 120, concurrency: int = 8) -> dict[str, Any]:
-    """Kill one of 2 Router replicas under load: no failed request; Serve restores it on the newest weights."""
+    """Kill one of 2 Router replicas under load: no failed request; Serve restores it on the newest weights.
+
+    The Router deployment exists with ``placement: replica`` (the GPU default for heavy encoders); on CPU
+    the default is inline, where the deciding replica is the ingress (docs/serving.md, fault behaviour)."""
     import ray
 
-    loop = start_loop(port, workdir)
+    loop = start_loop(port, workdir, router={"placement": "replica"})
     try:
         before = router_replica_actors(loop.app)
         assert len(before) == 2, before
