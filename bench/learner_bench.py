@@ -124,7 +124,7 @@ def bench_throughput(args) -> dict:
     import ray
 
     from banditroute.feedback.actor import get_or_create_feedback_actor
-    from banditroute.learner.actor import get_or_create_learner_actor
+    from banditroute.learner.actor_handles import get_or_create_learner_actor
     from banditroute.core.names import NAMESPACE
     from banditroute.learner.param_server import get_or_create_parameter_server
 

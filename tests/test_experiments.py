@@ -166,3 +166,39 @@ def test_stage_spans_and_trace_context_propagation():
     assert format(span.context.trace_id, "032x") == parent_id  # the caller's trace continues
     assert headers["traceparent"].split("-")[1] == parent_id  # and is handed to the upstream
     assert trace.get_tracer_provider() is not provider and tracer is not None
+
+
+class _Remote:
+    def __init__(self, value):
+        self.value = value
+
+    def remote(self):
+        async def answer():
+            return self.value
+        return answer()
+
+
+def test_admin_experiments_reads_the_log_with_the_feedback_actors_storage_settings(monkeypatch):
+    """The report opens the log with the actor's S3 endpoint and key env-var names, not default settings."""
+    import asyncio
+    import types
+
+    import ray
+
+    import banditroute.serve.ops_admin as ops_admin
+    from banditroute.core.storage import StorageConfig
+    from banditroute.serve.config import RouterConfig
+
+    s3 = {"uri": "s3://bucket/run", "endpoint_url": "http://127.0.0.1:9999", "access_key_id_env": "MINIO_KEY"}
+    new_actor = types.SimpleNamespace(log_storage=_Remote(dict(vars(StorageConfig(**s3)))), log_uri=_Remote("s3://bucket/run"))
+    old_actor = types.SimpleNamespace(log_uri=_Remote("s3://bucket/old"))  # started before log_storage existed
+    seen = []
+    monkeypatch.setattr(ops_admin, "read_experiment_rows", lambda storage, since: seen.append(storage) or ([], []))
+    cfg = RouterConfig(policy="ckpt", decision_sink="feedback-actor", decision_sink_options={"name": "fb"}, experiments=[AB])
+    for actor in (new_actor, old_actor):
+        monkeypatch.setattr(ray, "get_actor", lambda name, namespace=None, a=actor: a)
+        out = asyncio.run(ops_admin.ExperimentsAdmin(cfg).report({"tau": 0.01}))
+        assert out["experiments"][0]["name"] == AB.name
+    assert isinstance(seen[0], StorageConfig) and seen[0].endpoint_url == "http://127.0.0.1:9999"
+    assert seen[0].access_key_id_env == "MINIO_KEY" and seen[0].uri == "s3://bucket/run"
+    assert seen[1] == "s3://bucket/old"

@@ -65,6 +65,19 @@ def test_at_least_four_alerts_each_with_an_expression_and_a_summary():
     names = {r["alert"] for r in alerts}
     assert {"BanditrouteHigh5xxRate", "BanditrouteFeedbackLagging", "BanditrouteLearnerStalled",
             "BanditrouteReplicaOnOldVersion"} <= names
+    assert {"BanditrouteGateHolding", "BanditrouteSpendHigh"} <= names
+
+
+def test_the_alerts_read_the_learner_and_feedback_actor_metrics_not_serving_side_proxies():
+    by_name = {r["alert"]: named_metrics(r["expr"]) for r in rules()}
+    assert "banditroute_feedback_delivery_lag_s" in by_name["BanditrouteFeedbackLagging"]
+    assert "banditroute_learner_last_update_timestamp_seconds" in by_name["BanditrouteLearnerStalled"]
+    assert by_name["BanditrouteGateHolding"] == {"banditroute_gate_held_since_timestamp_seconds"}
+    assert by_name["BanditrouteSpendHigh"] == {"banditroute_spend_usd_total"}
+    assert "banditroute_learner_serving_version" in by_name["BanditrouteReplicaOnOldVersion"]
+    known = registered_metrics()
+    assert {"banditroute_gate_state", "banditroute_gate_last_promotion_timestamp_seconds",
+            "banditroute_feedback_learner_queue_events", "banditroute_feedback_delivery_errors_total"} <= known
 
 
 def test_every_metric_named_in_the_dashboard_and_alerts_is_registered_in_the_code():
@@ -84,3 +97,9 @@ def test_kubectl_kustomize_renders_the_dashboard_and_the_rules():
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert ("ConfigMap", "banditroute-dashboard") in kinds and ("PrometheusRule", "banditroute-alerts") in kinds
     assert all(o["metadata"].get("namespace") == "banditroute" for o in objects if o["kind"] in ("ConfigMap", "PrometheusRule"))
+
+
+def test_the_serving_docs_metrics_table_lists_every_registered_metric():
+    table = (ROOT / "docs" / "serving.md").read_text()
+    missing = sorted(n for n in registered_metrics() if f"`ray_{n}`" not in table)
+    assert missing == [], f"docs/serving.md's metrics table lacks {missing}"

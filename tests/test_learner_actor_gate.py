@@ -44,7 +44,7 @@ def _wait_restarted(learner, started_at: float, timeout_s=90.0):
 def test_gate_pin_and_restart_on_ray(ray_cluster, problem, tmp_path):
     import ray
 
-    from banditroute.learner.actor import get_or_create_learner_actor
+    from banditroute.learner.actor_handles import get_or_create_learner_actor
     from banditroute.core.names import NAMESPACE
     from banditroute.learner.param_server import get_or_create_parameter_server
 
@@ -52,7 +52,8 @@ def test_gate_pin_and_restart_on_ray(ray_cluster, problem, tmp_path):
     prefix = f"g{uuid.uuid4().hex[:8]}"
     storage = StorageConfig(uri=str(tmp_path / "storage"))
     ps = get_or_create_parameter_server(f"{prefix}-ps", NAMESPACE, storage)
-    cfg = {"learning_rate": 0.1, "replay_sample": 16, "checkpoint_every": 5,
+    # No re-base: this test follows versions through pin/restart (re-basing is tested in test_value_learner.py).
+    cfg = {"learning_rate": 0.1, "replay_sample": 16, "checkpoint_every": 5, "rebase_after_held_checks": 0,
            "promotion": {"every_updates": 5, "holdout_fraction": 0.5, "min_holdout_events": 40}}
     learner = get_or_create_learner_actor(cfg, storage, new_policy(data, enc_id).state(), name=f"{prefix}-learner",
                                           parameter_server_name=f"{prefix}-ps", num_cpus=0.1)

@@ -24,7 +24,7 @@ from banditroute.core.records import DecisionRecord, RewardRecord
 from banditroute.core.storage import StorageConfig
 from banditroute.feedback.actor import get_or_create_feedback_actor
 from banditroute.feedback.log import EventLog
-from banditroute.learner.actor import seed_checkpoint
+from banditroute.learner.actor_handles import seed_checkpoint
 from banditroute.policy.barp import BarpPolicy, NetworkConfig, PolicyMeta
 from banditroute.policy.encoders import EncoderConfig
 from banditroute.testkit.audited_learner import AuditedLearnerActor

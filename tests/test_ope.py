@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
@@ -138,3 +137,24 @@ def test_ope_command_prints_a_table_and_writes_json(logged, capsys):
     assert report["reports"][0]["events_used"] == table.num_rows
     # Bad arguments are clear errors, not tracebacks.
     assert main(["ope", "--events", str(root / "log"), "--policy", str(target_dir), "--w-cost", "2"]) == 2
+
+
+def test_reward_model_extra_rows_fit_a_model_the_evaluated_log_rarely_picked():
+    """The gate fits q on recent training events too (learner.promotion.reward_model_events): a model the held-out
+    log took a handful of times gets its score from the many training rows instead of a global mean."""
+    rng = np.random.default_rng(0)
+
+    def log(n):
+        x = rng.normal(size=(n, 4)).astype(np.float32)
+        a = (rng.random(n) < 0.02).astype(np.int64)  # model 1 taken ~2% of the time
+        s = np.where(a == 1, (x[:, 0] > 0).astype(float), 0.5)
+        return x, a, s, np.zeros(n)
+
+    x, a, s, c = log(300)
+    extra = log(5000)
+    truth = (x[:, 0] > 0).astype(float)
+    alone, _ = cross_fitted_components(x, a, s, c, 2, folds=2)
+    helped, _ = cross_fitted_components(x, a, s, c, 2, folds=2, extra=extra)
+    err_alone = np.abs(alone[:, 1] - truth).mean()
+    err_helped = np.abs(helped[:, 1] - truth).mean()
+    assert err_helped < 0.5 * err_alone

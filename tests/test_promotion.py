@@ -292,3 +292,55 @@ def test_parameter_server_recovers_only_served_weights_and_remembers_reserved_nu
     state = ParameterServerState()
     assert state.reserve_version(12) == -1 and state.reserved_version() == 12  # returns the newest PUBLISHED
     assert state.reserve_version(5) == -1 and state.reserved_version() == 12  # never goes down
+
+
+def _near_deterministic_log(rng, n):
+    """A serving policy that picks model 0 with 0.98 (floor 0.01 on the two others), as a value policy serves.
+
+    Prompt type t in {0, 1}; true scores: model 0 = 0.5, model 1 = 0.6 if t else 0.2, model 2 = 0.1.
+    """
+    t = rng.integers(0, 2, n)
+    x = np.stack([t, 1 - t], axis=1).astype(np.float32)
+    mu_all = np.tile([0.98, 0.01, 0.01], (n, 1))
+    a = np.array([rng.choice(3, p=p) for p in mu_all])
+    means = np.stack([np.full(n, 0.5), np.where(t == 1, 0.6, 0.2), np.full(n, 0.1)], axis=1)
+    r = (rng.random(n) < means[np.arange(n), a]).astype(np.float64)
+    return x, t, a, mu_all[np.arange(n), a], r
+
+
+def _gate_on_log(estimator, seed, target):
+    from banditroute.learner.ope import cross_fitted_components
+
+    rng = np.random.default_rng(seed)
+    x, t, a, mu, r = _near_deterministic_log(rng, 300)  # held-out events
+    x_tr, _, a_tr, _, r_tr = _near_deterministic_log(rng, 3000)  # training events (the reward model's extra rows)
+    zeros = np.zeros
+    s_hat, _ = cross_fitted_components(x, a, r, zeros(len(r)), 3, extra=(x_tr, a_tr, r_tr, zeros(len(r_tr))))
+    serving = np.tile([0.98, 0.01, 0.01], (len(r), 1))
+    pi = target(t)
+    idx = np.arange(len(r))
+    cfg = PromotionConfig(estimator=estimator)
+    c, s, d = paired_estimates(estimator, r, pi[idx, a] / mu, serving[idx, a] / mu, s_hat[idx, a],
+                               (pi * s_hat).sum(1), (serving * s_hat).sum(1), cfg.switch_max_weight)
+    return promotion_decision(c, s, len(r), cfg, d)
+
+
+def _better(t):  # model 1 on type-1 prompts: true value +0.05 over serving
+    return np.where((t == 1)[:, None], [0.01, 0.98, 0.01], [0.98, 0.01, 0.01])
+
+
+def _poisoned(t):  # model 2 everywhere: true value -0.39
+    return np.tile([0.01, 0.01, 0.98], (len(t), 1))
+
+
+def test_switch_dr_lets_a_better_near_deterministic_candidate_through_and_still_holds_a_poisoned_one():
+    """Issue 13 round 2: with a near-deterministic logger (floor 1%), DR's importance weights reach 98 where the
+    candidate departs from serving, so its paired SE is ~0.1 and the lower bound holds every candidate, better or
+    not (the value runs served an early version to the end). switch_dr counts those events by the reward model."""
+    seeds = range(12)
+    dr = [_gate_on_log("dr", s, _better) for s in seeds]
+    switch = [_gate_on_log("switch_dr", s, _better) for s in seeds]
+    assert sum(d.promote for d in switch) >= 8 > 5 >= sum(d.promote for d in dr)
+    dr_se, switch_se = (np.median([d.difference["se"] for d in ds]) for ds in (dr, switch))
+    assert switch_se < 0.03 and dr_se > 3 * switch_se
+    assert not any(_gate_on_log("switch_dr", s, _poisoned).promote for s in seeds)

@@ -12,7 +12,7 @@ from banditroute.core.records import DecisionRecord, JoinedEvent, events_to_tabl
 from banditroute.core.storage import StorageConfig, open_storage
 from banditroute.learner.actor import LearnerActor
 from banditroute.learner.base import optimizer_state_from_bytes
-from banditroute.learner.checkpoint import list_checkpoints, load_checkpoint
+from banditroute.learner.checkpoint import load_checkpoint
 from banditroute.learner.config import ONLINE_KINDS, LearnerConfig
 from banditroute.learner.drift import DriftGuard
 from banditroute.learner.learner import OnlineLearner, events_to_rows
@@ -81,8 +81,8 @@ def best_fixed_value(data, tau, seed=1) -> float:
 def test_registry_has_one_learner_per_online_kind():
     assert tuple(LEARNER_KINDS) == ONLINE_KINDS
     assert learner_class("barp") is OnlineLearner and learner_class("value") is ValueLearner
-    with pytest.raises(ValueError, match="identity"):
-        learner_class("identity")
+    with pytest.raises(ValueError, match="'nonesuch'"):
+        learner_class("nonesuch")
 
 
 def test_rows_carry_the_chosen_models_score_and_normalised_cost(problem):
@@ -242,3 +242,30 @@ def test_cold_and_warm_start_per_kind_and_serve_accepts_a_value_checkpoint(probl
     check_serve(app)  # a value checkpoint learns online (it used to be refused)
     state = seed_policy_state(app)
     assert state["kind"] == "value" and make_learner(policy_from_snapshot(warm.snapshot())).kind == "value"
+
+
+def test_online_loop_seeds_from_a_value_checkpoint(problem, tmp_path):
+    """Round 2: cluster.online.initial_policy_state took only BaRP checkpoints, so `up --policy <value ckpt>` failed."""
+    from banditroute.cluster.online import initial_policy_state
+    from banditroute.policy.checkpoint import policy_from_state
+
+    data, emb, eid = problem
+    policy = value_policy(data, emb, eid)
+    policy.save(tmp_path / "value")
+    state = initial_policy_state(str(tmp_path / "value"), None)
+    loaded = policy_from_state(state)
+    assert loaded.kind == "value" and loaded.models == policy.models
+    assert torch.allclose(loaded.logits(emb[:5], 0.3), policy.logits(emb[:5], 0.3))
+
+
+def test_up_kind_flag_sets_the_cold_start_kind():
+    import argparse
+
+    from banditroute.cli.commands.up import add_arguments, overrides_from_flags
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert overrides_from_flags(parser.parse_args(["--kind", "barp"]))["up.cold_start.kind"] == "barp"
+    assert "up.cold_start.kind" not in overrides_from_flags(parser.parse_args([]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kind", "nope"])

@@ -19,6 +19,8 @@ from banditroute.policy.barp import NetworkConfig
 from banditroute.policy.value_policy import ValueNetworkConfig
 
 COLD_START_ENCODERS = ("minilm", "static", "hashing")
+COLD_START_KINDS = ("barp", "value")
+"""Kinds a cold start builds from random weights (an identity policy needs IRT identities: warm start it)."""
 
 
 @dataclass
@@ -38,8 +40,8 @@ class ColdStartConfig:
     """tau = this quantile of the data's per-call costs."""
 
     def validate(self) -> None:
-        if self.kind not in ONLINE_KINDS:
-            raise ValueError(f"up.cold_start.kind: must be one of {list(ONLINE_KINDS)}, got {self.kind!r}")
+        if self.kind not in COLD_START_KINDS:
+            raise ValueError(f"up.cold_start.kind: must be one of {list(COLD_START_KINDS)}, got {self.kind!r}")
         self.value_network.validate()
         if self.encoder not in COLD_START_ENCODERS:
             raise ValueError(f"up.cold_start.encoder: must be one of {list(COLD_START_ENCODERS)}, got {self.encoder!r}")

@@ -34,7 +34,7 @@ from banditroute.cluster.config import AppConfig
 from banditroute.core.names import NAMESPACE, ActorNames
 from banditroute.core.storage import StorageConfig, open_storage
 from banditroute.feedback.actor import get_or_create_feedback_actor
-from banditroute.learner.actor import get_or_create_learner_actor
+from banditroute.learner.actor_handles import get_or_create_learner_actor
 from banditroute.learner.checkpoint import list_checkpoints
 from banditroute.learner.config import LearnerConfig
 from banditroute.learner.param_server import get_or_create_parameter_server
@@ -71,19 +71,24 @@ class OnlineLoop:
 
 
 def initial_policy_state(location: str, storage: StorageConfig | None) -> dict[str, Any]:
-    """``RoutingPolicy.state()`` of the BaRP checkpoint at ``location``."""
-    from banditroute.policy.checkpoint import load_barp_policy
+    """``RoutingPolicy.state()`` of the checkpoint at ``location``, of any kind the online learner trains (ONLINE_KINDS)."""
+    from banditroute.learner.config import ONLINE_KINDS
+    from banditroute.policy.checkpoint import load_policy_at
 
-    return load_barp_policy(location, storage, field="online.initial_policy").state()
+    return load_policy_at(location, storage, field="online.initial_policy", kinds=ONLINE_KINDS).state()
 
 
 def has_checkpoint(storage: StorageConfig, learner: LearnerConfig) -> bool:
     return bool(list_checkpoints(open_storage(storage).child(learner.checkpoint_prefix)))
 
 
-def wire_router(router: RouterConfig, names: ActorNames) -> RouterConfig:
-    """A copy of ``router`` that takes weights from, sends decisions to, and administers the loop ``names``."""
+def wire_router(router: RouterConfig, names: ActorNames, pool_policy: str | None = None) -> RouterConfig:
+    """A copy of ``router`` that takes weights from, sends decisions to, and administers the loop ``names``.
+
+    ``pool_policy`` (default ``router.policy``): the checkpoint whose registry the pool admin API changes
+    (an identity seed; a fixed-pool kind answers 409 there as before)."""
     wired = copy.deepcopy(router)
+    wired.pool_policy = wired.pool_policy or pool_policy or router.policy
     wired.policy = None  # replicas take the newest weights from the parameter server (at least the seed)
     wired.parameter_server_name = names.parameter_server
     wired.parameter_server_namespace = NAMESPACE
@@ -131,4 +136,5 @@ def start_online_loop(app: AppConfig, initial_state: dict[str, Any] | None = Non
                                             num_cpus=online.feedback_num_cpus)
     ray.get(feedback.ping.remote())
     logger.info("online loop ready (learner at v%s); routers use %s", status["policy_version"], names.as_dict())
-    return OnlineLoop(wire_router(router, names), ps, learner, feedback, names, status, started_from)
+    pool_policy = online.initial_policy or router.policy
+    return OnlineLoop(wire_router(router, names, pool_policy), ps, learner, feedback, names, status, started_from)

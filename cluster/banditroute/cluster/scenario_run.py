@@ -1,17 +1,22 @@
-"""Run a scenario (cluster/scenario.py): the identity policy served, events applied through the admin API.
+"""Run a scenario (cluster/scenario.py): the identity policy served AND learning online, events applied through the admin API.
 
-What runs: the router app serving a COPY of the identity checkpoint
-(``<up.out>/policy``: the scenario's registry changes never touch the
-source), placement as configured, with the admin API enabled under a key
-made for this run. The online loop is off: the online learner trains BaRP
-only (issue 15 item 1), so the served identity policy does not learn here
-and no feedback is posted; what changes routing is the registry: models
-withheld at the start, onboarded from a quiz answered with the data's
-outcomes, and price changes that the driver also charges from then on.
+What runs: `banditroute up`'s online loop over a COPY of the identity
+checkpoint (``<up.out>/policy``: the scenario's registry changes never touch
+the source). The copy's ``meta.registry_uri`` names its registry document
+(absolute path), the ONE live registry: the pool admin API (admin key made
+for this run) writes price changes and onboarded models there, the identity
+learner (learner/identity_learner.py) writes refined identities there, and
+the replicas re-read it while routing; their network weights come from the
+parameter server as the learner trains them from the posted feedback.
+What changes routing: models withheld at the start, onboarded from a quiz
+answered with the data's outcomes, price changes that the driver also
+charges from then on, the learner's weights and identities, and (with
+``budget_usd_per_1k``) the budget pacer of the ingress (serve/budget.py).
 
 ``summary.json`` holds the usual traffic figures plus ``events`` (each
 event's model, its traffic share and the mean reward over the ``window``
-decisions before and after) and ``spend_usd_per_1k`` {whole, last_half}.
+decisions before and after), ``spend_usd_per_1k`` {whole, last_half}, the
+learner's progress and the final registry (``registry_final``).
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ SETTLE_AFTER_EVENT_S = 1.0
 
 
 def prepare_policy(source: str, out: Path, withhold: list[str]) -> Any:
-    """Copy the identity checkpoint ``source`` to ``out`` (own registry beside it), withheld models retired."""
+    """Copy the identity checkpoint ``source`` to ``out`` (own live registry beside it, named by absolute path in
+    ``meta.registry_uri``), withheld models retired."""
     from banditroute.policy.checkpoint import checkpoint_kind
     from banditroute.policy.identity_policy import IdentityPolicy
 
@@ -53,7 +59,7 @@ def prepare_policy(source: str, out: Path, withhold: list[str]) -> Any:
     registry = policy.registry.copy()
     if out.exists():
         shutil.rmtree(out)
-    policy.registry, policy.meta.registry_uri = registry, ""
+    policy.registry, policy.meta.registry_uri = registry, str((out / "registry.json").resolve())
     policy.save(out)  # registry.json beside the weights; the registry persists there from now on
     for name in withhold:
         registry.retire(name)
@@ -81,13 +87,10 @@ def run_scenario(app: AppConfig) -> dict[str, Any]:
 
     os.environ[ADMIN_KEY_ENV] = admin_key = secrets.token_hex(16)
     run_app = copy.deepcopy(app)
-    run_app.online.enabled = False
-    run_app.router.policy = str(out / "policy")
-    run_app.router.parameter_server_name = None
-    run_app.router.learner_actor_name = None
-    run_app.router.decision_sink = "local"
-    run_app.router.decision_sink_options = {"path": str(out / "decisions")}
+    run_app.online.enabled = True  # the identity learner trains the served policy (cluster/online.py wires it)
+    run_app.online.initial_policy = run_app.router.policy = str(out / "policy")
     run_app.router.security.admin_api_keys_env = ADMIN_KEY_ENV
+    configure_budget(run_app, scenario)
     if hasattr(run_app.router.security, "admin_max_body_bytes"):  # an onboarding quiz carries its answers
         run_app.router.security.admin_max_body_bytes = max(run_app.router.security.admin_max_body_bytes, 4 * 1024 * 1024)
     print(f"banditroute up --scenario {up.scenario}: identity policy {source} (copy in {out / 'policy'}), pool "
@@ -100,7 +103,13 @@ def run_scenario(app: AppConfig) -> dict[str, Any]:
         asyncio.run(_drive(running.base_url, data, policy.tau, list(running.health["models"]), state, up, scenario,
                            admin_key, events))
         drive_s = time.monotonic() - started
+        learner = settle_learner(running, up.settle_timeout_s)
+        learner["served_kind"] = running.health.get("policy_kind")
     summary = scenario_summary(state, scenario, events, policy.tau, drive_s, source)
+    summary["learner"] = learner
+    summary["registry_final"] = registry_figures(out / "policy" / "registry.json")
+    if scenario.budget_usd_per_1k is not None:
+        summary["budget"] = budget_comparison(source, data, state, scenario.budget_usd_per_1k)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for e in summary["events"]:
         print(f"event at {e['at']}: {e['kind']} {e['model']}: share {e['share_before']} -> {e['share_after']}, "
@@ -129,7 +138,7 @@ async def _drive(base_url: str, data, tau: float, pool: list[str], state: Traffi
                 await asyncio.sleep(SETTLE_AFTER_EVENT_S)
 
     await drive_traffic(base_url, data, tau, pool, state, up.max_decisions, up.concurrency, up.seed,
-                        up.max_error_fraction, asyncio.Event(), post_feedback=False, price_factors=factors,
+                        up.max_error_fraction, asyncio.Event(), post_feedback=True, price_factors=factors,
                         before_request=before_request)
 
 
@@ -160,6 +169,55 @@ async def _apply(client, event, data, state: TrafficState, window: int, factors:
     print(f"event at decision {at}: {event.kind} {model} (price {price:.6g} USD/call, registry v{answer['registry_version']})",
           flush=True)
     return {"at": at, "kind": event.kind, "model": model, "price": price, "registry_version": answer["registry_version"]}
+
+
+def configure_budget(app: AppConfig, scenario: ScenarioConfig) -> None:
+    """The scenario's ``budget_usd_per_1k`` becomes the router's global spend target (serve/budget.py paces it)."""
+    if scenario.budget_usd_per_1k is not None:
+        app.router.budget.target_usd_per_1k = float(scenario.budget_usd_per_1k)
+
+
+def budget_comparison(source: str, data, state: TrafficState, target_usd_per_1k: float) -> dict[str, Any]:
+    """The run's second half next to the best STATIC cost weight in hindsight on the same prompts: the w whose
+    greedy routing by the starting policy (``source``, its full pool) spends the target (bisection,
+    ``policy.pacer.static_w_for_spend``); mean score (quality at that spend) and spend of each."""
+    from banditroute.policy.encoders import make_encoder
+    from banditroute.policy.identity_policy import IdentityPolicy
+    from banditroute.policy.pacer import static_w_for_spend
+
+    half = len(state.rows) // 2
+    rows = np.asarray(state.rows[half:], dtype=np.int64)
+    chosen = np.asarray(state.chosen[half:], dtype=np.int64)
+    policy = IdentityPolicy.load(source, registry_refresh_s=None)
+    emb = np.asarray(make_encoder(policy.encoder).encode([data.prompts[r] for r in rows]), dtype=np.float32)
+    scores, costs = data.scores_filled[rows], data.costs[rows]
+    w, cost, score = static_w_for_spend(policy, scores, costs, list(data.models), emb, target_usd_per_1k / 1000.0)
+    return {"target_usd_per_1k": target_usd_per_1k,
+            "run_last_half": {"spend_usd_per_1k": float(np.mean(state.costs[half:]) * 1000.0),
+                              "mean_score": float(scores[np.arange(len(rows)), chosen].mean()),
+                              "mean_reward": float(np.mean(state.rewards[half:]))},
+            "static_in_hindsight": {"w_cost": w, "spend_usd_per_1k": cost * 1000.0, "mean_score": score}}
+
+
+def settle_learner(running, timeout_s: float) -> dict[str, Any]:
+    """Drain the feedback into the learner and take its final checkpoint; what it trained."""
+    import ray
+
+    loop = running.loop
+    ray.get(loop.feedback.flush.remote(timeout_s))
+    status = ray.get(loop.learner.status.remote())
+    checkpoint = ray.get(loop.learner.shutdown.remote())
+    keys = ("learner_kind", "start_version", "policy_version", "serving_version", "candidate_version", "updates",
+            "events_trained", "skipped")
+    return dict({k: status.get(k) for k in keys}, checkpoint=checkpoint)
+
+
+def registry_figures(path: Path) -> dict[str, Any]:
+    """The live registry at the end of the run: its version and each model's price and n_observations."""
+    doc = json.loads(Path(path).read_text())
+    return {"version": doc.get("version"),
+            "models": {m["name"]: {"price": m["price"], "n_observations": m["n_observations"], "active": m["active"],
+                                   "source": m["source"]} for m in doc.get("models", [])}}
 
 
 def scenario_summary(state: TrafficState, scenario: ScenarioConfig, events: list[dict[str, Any]], tau: float,

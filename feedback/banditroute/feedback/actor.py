@@ -34,6 +34,7 @@ import pyarrow as pa
 from banditroute.core.config import from_dict
 from banditroute.feedback.config import FeedbackConfig
 from banditroute.feedback.delivery import BatchRejected
+from banditroute.feedback.delivery_metrics import FeedbackMetrics
 from banditroute.feedback.log import EventLog
 from banditroute.feedback.service import FeedbackService
 from banditroute.core.names import FEEDBACK_ACTOR_NAME, LEARNER_ACTOR_NAME, NAMESPACE
@@ -65,7 +66,9 @@ class FeedbackActor:
             storage = from_dict(StorageConfig, storage, prefix="storage")
         self.learner_name, self.namespace = learner_name, namespace
         self._learner = None
-        self.service = FeedbackService(config, EventLog(open_storage(storage)), deliver=self._deliver)
+        self.metrics = FeedbackMetrics()  # delivery lag, learner queue, spend (feedback/delivery_metrics.py)
+        deliver = self.metrics.wrap(self._deliver, lambda: len(self.service.delivery.batcher))
+        self.service = FeedbackService(config, EventLog(open_storage(storage)), deliver=deliver)
         if config.recover_on_start:
             try:
                 recovered = self.service.recover()
@@ -101,10 +104,10 @@ class FeedbackActor:
         return await self.service.record_decisions([_compact(r) for r in decisions_from_table(table)])
 
     async def submit_reward(self, reward: RewardRecord) -> dict[str, Any]:
-        return await self.service.submit_reward(reward)
+        return self.metrics.rewarded(await self.service.submit_reward(reward))
 
     async def submit_rewards(self, rewards: Sequence[RewardRecord]) -> list[dict[str, Any]]:
-        return await self.service.submit_rewards(rewards)
+        return [self.metrics.rewarded(a) for a in await self.service.submit_rewards(rewards)]
 
     async def sweep(self) -> int:
         return await self.service.sweep()
@@ -120,6 +123,13 @@ class FeedbackActor:
 
     async def log_uri(self) -> str:
         return self.service.log.storage.uri_for()
+
+    async def log_storage(self) -> dict[str, Any]:
+        """The log's StorageConfig (endpoint, region, the NAMES of the key env vars) with its root URI, so a reader
+        elsewhere (GET /v1/admin/experiments) opens it as this actor does."""
+        import dataclasses
+
+        return dict(dataclasses.asdict(self.service.log.storage.config), uri=self.service.log.storage.uri_for())
 
 
 def get_or_create_feedback_actor(

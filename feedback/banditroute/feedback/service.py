@@ -228,6 +228,7 @@ class FeedbackService:
                 "model": event.decision.chosen_model,
                 "policy_version": event.decision.policy_version,
                 "cost": event.cost,
+                "tenant": event.decision.tenant,
                 "reward_time": event.reward_time,
                 "log_part": key,
             }

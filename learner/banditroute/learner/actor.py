@@ -45,7 +45,7 @@ from typing import Any
 import pyarrow as pa
 
 from banditroute.core.config import from_dict
-from banditroute.core.names import LEARNER_ACTOR_NAME
+from banditroute.core.names import NAMESPACE, PARAMETER_SERVER_NAME
 from banditroute.learner.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -56,10 +56,10 @@ from banditroute.learner.checkpoint import (
 )
 from banditroute.learner.config import LearnerConfig
 from banditroute.learner.drift import DriftGuard
+from banditroute.learner.gate_metrics import observe_update
 from banditroute.learner.learner import mint_version
 from banditroute.learner.log_follower import LogFollower
 from banditroute.learner.registry import resume_or_start_learner
-from banditroute.core.names import NAMESPACE, PARAMETER_SERVER_NAME
 from banditroute.learner.promotion import HoldoutBuffer, evaluate_candidate, split_holdout
 from banditroute.policy.base import RoutingPolicy
 from banditroute.policy.checkpoint import policy_from_snapshot, policy_from_state
@@ -125,6 +125,8 @@ class LearnerActor:
         self.learner.ensure_version_at_least(max(reserved, self.serving_version, self._newest_checkpoint()))
         self.start_version = self.serving_version
         self.holdout = HoldoutBuffer(self.gate.holdout_capacity)
+        # Recent TRAINING events: the gate's reward model is fitted on them too (learner.promotion: why).
+        self.reward_model_events = HoldoutBuffer(max(self.gate.reward_model_events, 2))
         self.gate_history: deque[dict[str, Any]] = deque(maxlen=self.gate.history)
         self.last_metrics: dict[str, Any] | None = None
         self.last_checkpoint: str | None = None
@@ -226,6 +228,8 @@ class LearnerActor:
                 held = len(held_out)
                 self.holdout.add(held_out)
                 self.events_held_out += held
+                if self.gate.reward_model_events:
+                    self.reward_model_events.add(events)
             metrics = self.learner.update(events)
             metrics["held_out"], metrics["duplicates_dropped"] = held, duplicates
             if metrics.get("updated"):
@@ -243,11 +247,12 @@ class LearnerActor:
                 if every and self.learner.updates % every == 0:
                     self._checkpoint()
             metrics["serving_version"] = self.serving_version
-            self.last_metrics = metrics
+            self.last_metrics = observe_update(self, metrics)  # gate/update metrics (learner/gate_metrics.py)
             return metrics
 
     def _run_gate(self) -> dict[str, Any]:
-        decision = evaluate_candidate(self.holdout.table(), self.learner.policy, self.serving, self.gate)
+        decision = evaluate_candidate(self.holdout.table(), self.learner.policy, self.serving, self.gate,
+                                      self.reward_model_events.table() if self.gate.reward_model_events else None)
         # The evidence the check had, so a run can place it on its decision axis (`banditroute up`'s plot).
         record = {"action": "gate", **decision.as_dict(), "updates": self.learner.updates,
                   "events_received": self._events_received()}
@@ -446,55 +451,3 @@ class LearnerActor:
         except Exception:  # noqa: BLE001
             pass
 
-
-def get_or_create_learner_actor(
-    config: LearnerConfig | dict | None,
-    storage: StorageConfig | dict | str | None,
-    initial_state: dict[str, Any] | None = None,
-    name: str = LEARNER_ACTOR_NAME,
-    namespace: str | None = NAMESPACE,
-    parameter_server_name: str | None = PARAMETER_SERVER_NAME,
-    num_cpus: float = 0.0,
-) -> Any:
-    """The named, detached, restartable learner actor (created if missing).
-
-    With storage, ``initial_state`` is written as a checkpoint first (unless a
-    newer one exists) and the actor starts from storage: Ray keeps large
-    constructor arguments only as long as their owner (this driver) lives, so
-    a restart after the driver is gone must not depend on them.
-    """
-    from banditroute.core.actors import get_or_create_detached_actor
-
-    if initial_state is not None and storage is not None:
-        seed_checkpoint(initial_state, storage, _prefix(config))
-        initial_state = None
-    return get_or_create_detached_actor(
-        LearnerActor, name, namespace, config, storage, initial_state, parameter_server_name, namespace,
-        max_concurrency=4, num_cpus=num_cpus,
-    )
-
-
-def _prefix(config: LearnerConfig | dict | None) -> str:
-    if isinstance(config, LearnerConfig):
-        return config.checkpoint_prefix
-    return (config or {}).get("checkpoint_prefix", LearnerConfig().checkpoint_prefix)
-
-
-def seed_checkpoint(initial_state: dict[str, Any], storage: StorageConfig | dict | str, prefix: str) -> str | None:
-    """Write ``initial_state`` as a checkpoint unless storage already holds one at least as new."""
-    from banditroute.learner.checkpoint import list_checkpoints, save_checkpoint
-
-    if isinstance(storage, dict):
-        storage = from_dict(StorageConfig, storage, prefix="storage")
-    ckpt = open_storage(storage).child(prefix)
-    policy = policy_from_state(initial_state)
-    versions = list_checkpoints(ckpt)
-    if versions and versions[-1] >= policy.policy_version:
-        return None
-    return save_checkpoint(ckpt, policy, extra={"seeded": True})
-
-
-def get_learner_actor(name: str = LEARNER_ACTOR_NAME, namespace: str | None = NAMESPACE) -> Any:
-    import ray
-
-    return ray.get_actor(name, namespace=namespace)

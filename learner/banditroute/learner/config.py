@@ -13,7 +13,7 @@ from banditroute.learner.checkpoint import DEFAULT_CHECKPOINT_PREFIX
 from banditroute.learner.promotion import PromotionConfig
 from banditroute.learner.log_cursor import LogCursorConfig
 
-ONLINE_KINDS = ("barp", "value")
+ONLINE_KINDS = ("barp", "value", "identity")
 """Policy kinds the online learner trains (``learner.registry.LEARNER_KINDS`` holds one learner class per kind)."""
 
 
@@ -38,6 +38,25 @@ class ValueLearnerConfig:
             raise ValueError("learner.value.gradient_steps and learner.value.replay_sample must be >= 1")
         if self.weight_decay < 0 or self.cost_loss_weight < 0:
             raise ValueError("learner.value.weight_decay and learner.value.cost_loss_weight must be >= 0")
+
+
+@dataclass
+class IdentityLearnerConfig:
+    """What only the identity learner (kind ``identity``, learner/identity_learner.py) uses; learning rate, loss
+    weights, importance clip, grad clip, replay and gradient steps are LearnerConfig's."""
+
+    refine_identities: bool = True
+    """Refit each model's identity (IRT posterior, item maps frozen) from its scored outcomes in the feedback."""
+    refit_every: int = 20
+    """Updates between identity refits (each refit costs ~0.1-1 s; only models with new outcomes are refitted)."""
+    max_observations_per_model: int = 2000
+    """Most recent outcomes per model kept for refits (the count in n_observations keeps growing)."""
+    max_models: int = 64
+    """Distinct model names the replay can hold (its candidate masks have this many columns)."""
+
+    def validate(self) -> None:
+        if self.refit_every < 1 or self.max_observations_per_model < 1 or self.max_models < 1:
+            raise ValueError("learner.identity.refit_every, max_observations_per_model and max_models must be >= 1")
 
 
 @dataclass
@@ -80,6 +99,8 @@ class LearnerConfig:
     what is served; 0 = never."""
     value: ValueLearnerConfig = field(default_factory=ValueLearnerConfig)
     """Settings of the value learner (kind ``value``)."""
+    identity: IdentityLearnerConfig = field(default_factory=IdentityLearnerConfig)
+    """Settings of the identity learner (kind ``identity``)."""
 
     def __post_init__(self) -> None:
         from banditroute.core.config import from_dict
@@ -92,6 +113,8 @@ class LearnerConfig:
             self.log_cursor = from_dict(LogCursorConfig, self.log_cursor, prefix="learner.log_cursor")
         if isinstance(self.value, dict):
             self.value = from_dict(ValueLearnerConfig, self.value, prefix="learner.value")
+        if isinstance(self.identity, dict):
+            self.identity = from_dict(IdentityLearnerConfig, self.identity, prefix="learner.identity")
 
     def validate(self) -> None:
         if self.torch_threads < 0:
@@ -121,3 +144,4 @@ class LearnerConfig:
         self.promotion.validate()
         self.log_cursor.validate()
         self.value.validate()
+        self.identity.validate()

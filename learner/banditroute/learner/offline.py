@@ -112,7 +112,8 @@ def train_offline(
     candidate.network.eval()
     serving = start if serving is None else serving
     gate = dataclasses.replace(learner.promotion, enabled=True)  # offline, the check always runs
-    decision = evaluate_candidate(holdout, candidate, serving, gate)
+    reward_model = train.slice(max(0, len(train) - gate.reward_model_events)) if gate.reward_model_events else None
+    decision = evaluate_candidate(holdout, candidate, serving, gate, reward_model)
     report = {
         "events": len(events),
         "train_events": len(train),

@@ -41,7 +41,9 @@ from banditroute.policy.reward import normalised_cost
 if TYPE_CHECKING:  # torch (under policy.base and policy.decide) is imported when a policy is applied
     from banditroute.policy.base import RoutingPolicy
 
-ESTIMATORS = ("ips", "snips", "dr")
+ESTIMATORS = ("ips", "snips", "dr", "switch_dr")
+DEFAULT_SWITCH_MAX_WEIGHT = 10.0
+"""switch_dr: importance weights above this use the reward model alone (see ``estimate_terms``)."""
 
 
 @dataclass
@@ -178,22 +180,37 @@ class RidgeRewardModel:
         return np.clip(s, 0.0, 1.0), np.clip(c, 0.0, 1.0)
 
 
+Pulls = tuple  # (x (n, d), actions (n,), scores (n,), normalised costs (n,)): what the reward model is fitted on
+
+
 def cross_fitted_components(
     x: np.ndarray, actions: np.ndarray, scores: np.ndarray, cost_norm: np.ndarray, n_actions: int,
-    folds: int = 2, l2: float = 1.0, seed: int = 0,
+    folds: int = 2, l2: float = 1.0, seed: int = 0, extra: Pulls | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold (s_hat, c_hat) for every event (folds = 1: in-sample)."""
+    """Out-of-fold (s_hat, c_hat) for every event (folds = 1: in-sample).
+
+    ``extra``: pulls of OTHER events (e.g. the learner's training events, never
+    the evaluated ones) added to every fold's fit. They are independent of the
+    evaluated events' noise, so DR stays unbiased, and they give the models the
+    evaluated log rarely picked far more rows than the held-out events alone.
+    """
     n = len(actions)
     s_hat = np.empty((n, n_actions))
     c_hat = np.empty((n, n_actions))
+
+    def fit(sel: np.ndarray | slice) -> RidgeRewardModel:
+        parts = [(x[sel], actions[sel], scores[sel], cost_norm[sel])]
+        if extra is not None and len(extra[1]):
+            parts.append(extra)
+        xs, acts, ss, cs = (np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(4))
+        return RidgeRewardModel(n_actions, l2).fit(xs, acts, ss, cs)
+
     if folds <= 1 or n < 2 * folds:
-        model = RidgeRewardModel(n_actions, l2).fit(x, actions, scores, cost_norm)
-        return model.predict(x)
+        return fit(slice(None)).predict(x)
     fold_of = np.random.default_rng(seed).permutation(n) % folds
     for k in range(folds):
         test = fold_of == k
-        model = RidgeRewardModel(n_actions, l2).fit(x[~test], actions[~test], scores[~test], cost_norm[~test])
-        s_hat[test], c_hat[test] = model.predict(x[test])
+        s_hat[test], c_hat[test] = fit(~test).predict(x[test])
     return s_hat, c_hat
 
 
@@ -269,16 +286,38 @@ class LoggedData:
         return self.q[np.arange(len(self.actions)), self.actions]
 
 
-def prepare_logged_data(
-    batch: EventBatch, policy: RoutingPolicy, w_cost: float | None = None, folds: int = 2, l2: float = 1.0, seed: int = 0
-) -> LoggedData:
-    """Map logged events onto ``policy``'s pool, compute rewards (with its tau) and the DR reward model."""
-    models = list(policy.models)
-    index = {m: k for k, m in enumerate(models)}
+def _pool_actions(batch: EventBatch, policy: RoutingPolicy) -> np.ndarray:
+    """Index of each event's logged model in ``policy``'s pool; -1 where it is not there or another model answered."""
+    index = {m: k for k, m in enumerate(policy.models)}
     actions = np.array([index.get(m, -1) for m in batch.chosen_models], dtype=np.int64)
     actions[batch.fallback_served()] = -1  # another model answered: no reward observed for the logged action
-    if batch.embeddings.shape[1] != policy.embed_dim:
+    if len(batch) and batch.embeddings.shape[1] != policy.embed_dim:
         raise ValueError(f"logged embeddings have {batch.embeddings.shape[1]} dims, the policy expects {policy.embed_dim}")
+    return actions
+
+
+def pulls_of(batch: EventBatch, policy: RoutingPolicy) -> Pulls:
+    """(x, actions, scores, normalised costs) of the events whose logged model is in ``policy``'s pool."""
+    actions = _pool_actions(batch, policy)
+    rows = np.flatnonzero(actions >= 0)
+    if rows.size == 0:
+        return (np.zeros((0, policy.embed_dim), np.float32), actions[:0], np.zeros(0), np.zeros(0))
+    return (batch.embeddings[rows].astype(np.float32), actions[rows], np.nan_to_num(batch.scores[rows], nan=0.0),
+            normalised_cost(batch.costs[rows], policy.tau))
+
+
+def prepare_logged_data(
+    batch: EventBatch, policy: RoutingPolicy, w_cost: float | None = None, folds: int = 2, l2: float = 1.0, seed: int = 0,
+    reward_model_events: EventBatch | None = None,
+) -> LoggedData:
+    """Map logged events onto ``policy``'s pool, compute rewards (with its tau) and the DR reward model.
+
+    ``reward_model_events``: other events (disjoint from ``batch``) the reward
+    model is also fitted on (``cross_fitted_components``' ``extra``).
+    """
+    models = list(policy.models)
+    index = {m: k for k, m in enumerate(models)}
+    actions = _pool_actions(batch, policy)
     rows = np.flatnonzero(actions >= 0)
     if rows.size == 0:
         raise ValueError("no logged event chose a model of this policy's pool")
@@ -298,13 +337,15 @@ def prepare_logged_data(
             if name in index:
                 mask[i, index[name]] = True
     mask[np.arange(rows.size), a] = True
-    s_hat, c_hat = cross_fitted_components(x, a, scores, cnorm, n_models, folds, l2, seed)
+    extra = pulls_of(reward_model_events, policy) if reward_model_events is not None and len(reward_model_events) else None
+    s_hat, c_hat = cross_fitted_components(x, a, scores, cnorm, n_models, folds, l2, seed, extra)
     q = (1.0 - w)[:, None] * s_hat - w[:, None] * c_hat
     return LoggedData(rows, x, a, mu, w, rewards, mask, q)
 
 
 def estimate_terms(estimator: str, rewards: np.ndarray, rho: np.ndarray, q_logged: np.ndarray | None = None,
-                   q_target: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+                   q_target: np.ndarray | None = None,
+                   max_weight: float = DEFAULT_SWITCH_MAX_WEIGHT) -> tuple[float, np.ndarray]:
     """(value, per-event influence terms): the SE of a value is sd(terms) / sqrt(n).
 
     Influence terms of two target policies on the SAME events can be
@@ -323,10 +364,16 @@ def estimate_terms(estimator: str, rewards: np.ndarray, rho: np.ndarray, q_logge
             return float("nan"), np.full(r.shape, np.nan)
         value = float((w * r).sum() / w.sum())
         return value, w * (r - value) / w.mean()
-    if estimator == "dr":
+    if estimator in ("dr", "switch_dr"):
         if q_logged is None or q_target is None:
-            raise ValueError("the dr estimator needs q_logged and q_target")
-        terms = np.asarray(q_target, np.float64) + w * (r - np.asarray(q_logged, np.float64))
+            raise ValueError(f"the {estimator} estimator needs q_logged and q_target")
+        correction = w * (r - np.asarray(q_logged, np.float64))
+        if estimator == "switch_dr":
+            # SWITCH (Wang, Agarwal & Dudik 2017): an event whose weight exceeds max_weight is one the logger
+            # almost never takes where the target almost always would; its IPS correction is what makes DR's
+            # variance explode (weights up to 1/floor = 100), so there the reward model's value stands alone.
+            correction = np.where(w <= max_weight, correction, 0.0)
+        terms = np.asarray(q_target, np.float64) + correction
         value = float(terms.mean())
         return value, terms - value
     raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
@@ -334,10 +381,11 @@ def estimate_terms(estimator: str, rewards: np.ndarray, rho: np.ndarray, q_logge
 
 def paired_estimates(estimator: str, rewards: np.ndarray, rho_a: np.ndarray, rho_b: np.ndarray,
                      q_logged: np.ndarray | None = None, q_target_a: np.ndarray | None = None,
-                     q_target_b: np.ndarray | None = None) -> tuple[Estimate, Estimate, Estimate]:
+                     q_target_b: np.ndarray | None = None,
+                     max_weight: float = DEFAULT_SWITCH_MAX_WEIGHT) -> tuple[Estimate, Estimate, Estimate]:
     """Estimates of policy a, of policy b and of (a - b), all on the same logged events."""
-    va, ta = estimate_terms(estimator, rewards, rho_a, q_logged, q_target_a)
-    vb, tb = estimate_terms(estimator, rewards, rho_b, q_logged, q_target_b)
+    va, ta = estimate_terms(estimator, rewards, rho_a, q_logged, q_target_a, max_weight)
+    vb, tb = estimate_terms(estimator, rewards, rho_b, q_logged, q_target_b, max_weight)
     return (Estimate(estimator, va, _sd_of_mean(ta)), Estimate(estimator, vb, _sd_of_mean(tb)),
             Estimate(estimator, va - vb, _sd_of_mean(ta - tb)))
 

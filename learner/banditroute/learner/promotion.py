@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from banditroute.learner.ope import ESTIMATORS, Estimate, paired_estimates, prepare_logged_data, served_probabilities
+from banditroute.learner.ope import DEFAULT_SWITCH_MAX_WEIGHT, ESTIMATORS, Estimate, paired_estimates, prepare_logged_data, served_probabilities
 from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR, check_bounds
 from banditroute.core.records import EventBatch
 
@@ -70,8 +70,12 @@ class PromotionConfig:
     """Promote iff the lower confidence bound of V(candidate) - V(serving) >= -margin (reward units)."""
     confidence_z: float = 1.645
     """z of that one-sided lower bound (1.645 = 95%)."""
-    estimator: str = "dr"
-    """OPE estimator of the gate: 'dr', 'snips' or 'ips' (learner.ope)."""
+    estimator: str = "switch_dr"
+    """OPE estimator of the gate: 'switch_dr', 'dr', 'snips' or 'ips' (learner.ope; module docstring: why switch_dr)."""
+    switch_max_weight: float = DEFAULT_SWITCH_MAX_WEIGHT
+    """switch_dr only: held-out events whose importance weight exceeds this count by the reward model alone."""
+    reward_model_events: int = 5000
+    """Most recent TRAINING events the gate's reward model (DR's q) is also fitted on; 0 = held-out events only."""
     exploration_floor: float = DEFAULT_EXPLORATION_FLOOR
     """Explore-mode floor the replicas apply (serve.exploration_floor); OPE evaluates the bounded distribution."""
     exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING
@@ -96,7 +100,11 @@ class PromotionConfig:
             raise ValueError(f"{prefix}confidence_z must be >= 0")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"{prefix}estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
+        if not (self.switch_max_weight >= 1 and math.isfinite(self.switch_max_weight)):
+            raise ValueError(f"{prefix}switch_max_weight must be a finite number >= 1")
         check_bounds(self.exploration_floor, self.exploration_ceiling, prefix)
+        if self.reward_model_events < 0:
+            raise ValueError(f"{prefix}reward_model_events must be >= 0")
         if self.history < 1:
             raise ValueError(f"{prefix}history must be >= 1")
 
@@ -171,12 +179,14 @@ class Comparison:
 
 
 def compare_on_holdout(events: pa.Table | EventBatch, candidate: Any, serving: Any, cfg: PromotionConfig,
-                       modes: list[str] | None = None) -> Comparison:
+                       modes: list[str] | None = None, reward_model_events: pa.Table | None = None) -> Comparison:
     """OPE of both policies as the replicas would serve them (see the module docstring).
 
     ``modes`` is the logged mode per event (default: the table's ``mode``
     column; events without one count as explore). Both policies must share
     the pool and the tau (the learner's candidate and serving always do).
+    ``reward_model_events`` (training events, disjoint from ``events``) are
+    added to the fit of the reward model q.
     """
     if isinstance(events, pa.Table):
         if modes is None and "mode" in events.column_names:
@@ -184,7 +194,10 @@ def compare_on_holdout(events: pa.Table | EventBatch, candidate: Any, serving: A
         batch = EventBatch.from_table(events)
     else:
         batch = events
-    data = prepare_logged_data(batch, candidate)
+    extra = None
+    if reward_model_events is not None and len(reward_model_events):
+        extra = EventBatch.from_table(reward_model_events) if isinstance(reward_model_events, pa.Table) else reward_model_events
+    data = prepare_logged_data(batch, candidate, reward_model_events=extra)
     explore = np.ones(len(data.rows), dtype=bool)
     if modes is not None:
         explore = np.array([modes[i] != "greedy" for i in data.rows], dtype=bool)
@@ -195,7 +208,8 @@ def compare_on_holdout(events: pa.Table | EventBatch, candidate: Any, serving: A
         pi = served_probabilities(policy, data.x, w, data.mask, explore, cfg.exploration_floor, cfg.exploration_ceiling)
         rhos.append(pi[idx, data.actions] / data.mu)
         q_targets.append((pi * data.q).sum(axis=1))
-    cand, serv, diff = paired_estimates(cfg.estimator, data.rewards, rhos[0], rhos[1], data.q_logged, q_targets[0], q_targets[1])
+    cand, serv, diff = paired_estimates(cfg.estimator, data.rewards, rhos[0], rhos[1], data.q_logged, q_targets[0], q_targets[1],
+                                        cfg.switch_max_weight)
     return Comparison(cand, serv, diff, int(len(data.rows)))
 
 
@@ -269,14 +283,18 @@ def promotion_decision(
     return PromotionDecision(False, reason, **base, **numbers, difference=diff)
 
 
-def evaluate_candidate(holdout: pa.Table | None, candidate: Any, serving: Any, cfg: PromotionConfig) -> PromotionDecision:
-    """The whole gate on a held-out table: too little evidence -> hold; else compare and decide."""
+def evaluate_candidate(holdout: pa.Table | None, candidate: Any, serving: Any, cfg: PromotionConfig,
+                       reward_model_events: pa.Table | None = None) -> PromotionDecision:
+    """The whole gate on a held-out table: too little evidence -> hold; else compare and decide.
+
+    ``reward_model_events``: recent training events for the reward model (``compare_on_holdout``).
+    """
     n = 0 if holdout is None else len(holdout)
     if holdout is None or n < cfg.min_holdout_events:
         decision = promotion_decision(None, None, n, cfg)
     else:
         try:
-            cmp = compare_on_holdout(holdout, candidate, serving, cfg)
+            cmp = compare_on_holdout(holdout, candidate, serving, cfg, reward_model_events=reward_model_events)
         except ValueError as exc:  # e.g. no held-out event chose a model of the pool
             decision = promotion_decision(None, None, 0, cfg)
             decision.reason = f"cannot evaluate: {exc}"

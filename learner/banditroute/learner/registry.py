@@ -1,4 +1,4 @@
-"""Online learners by the policy kind they train: ``barp`` (RLlib off-policy REINFORCE) and ``value``.
+"""Online learners by the policy kind they train: ``barp`` (RLlib off-policy REINFORCE), ``value`` and ``identity``.
 
 The learner actor builds, resumes and rebases its learner through here, so it
 holds no kind-specific code: the kind comes from the policy it starts from
@@ -13,10 +13,12 @@ from banditroute.core.storage import Storage
 from banditroute.learner.base import LearnerBase
 from banditroute.learner.checkpoint import load_latest_checkpoint
 from banditroute.learner.config import LearnerConfig
+from banditroute.learner.identity_learner import IdentityLearner
 from banditroute.learner.learner import OnlineLearner
 from banditroute.learner.value_learner import ValueLearner
 
-LEARNER_KINDS: dict[str, type[LearnerBase]] = {OnlineLearner.kind: OnlineLearner, ValueLearner.kind: ValueLearner}
+LEARNER_KINDS: dict[str, type[LearnerBase]] = {OnlineLearner.kind: OnlineLearner, ValueLearner.kind: ValueLearner,
+                                               IdentityLearner.kind: IdentityLearner}
 """Learner class by the policy kind it trains (the same keys as ``learner.config.ONLINE_KINDS``)."""
 
 

@@ -58,6 +58,7 @@ from torch.nn import functional as F
 
 from banditroute.policy.barp import preference_features
 from banditroute.policy.base import CHECKPOINT_FORMAT, PolicyBase
+from banditroute.policy.candidate_mask import CandidateMask, as_candidate_mask as _as_candidate_mask
 from banditroute.policy.decide import DEFAULT_BOUNDS, Decisions, decide
 from banditroute.policy.encoders import EncoderConfig
 from banditroute.policy.exploration import ExplorationBounds
@@ -255,24 +256,6 @@ class IdentityNetwork(nn.Module):
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
         value = self.value_head(torch.cat([pooled, context], dim=-1)).squeeze(-1)
         return logits, value
-
-
-# --- candidate masks -------------------------------------------------------------------------
-
-
-class CandidateMask(np.ndarray):
-    """A boolean (B, K) mask that remembers the pool (``models``) its columns refer to."""
-
-    models: list[str]
-
-    def __array_finalize__(self, obj) -> None:  # keep the pool through views and copies
-        self.models = getattr(obj, "models", None)
-
-
-def _as_candidate_mask(mask: np.ndarray, models: Sequence[str]) -> CandidateMask:
-    out = np.asarray(mask, dtype=bool).view(CandidateMask)
-    out.models = list(models)
-    return out
 
 
 # --- the policy --------------------------------------------------------------------------------
@@ -478,6 +461,16 @@ class IdentityPolicy(PolicyBase):
 
     @classmethod
     def _new_from_state(cls, meta: IdentityMeta, state: dict[str, Any], device: str | torch.device) -> "IdentityPolicy":
+        """With ``meta.registry_uri`` set, the LIVE registry there (re-read while routing: replicas and the
+        online learner built from weights snapshots see admin changes and refined identities); else the
+        state's copy. A live location not written yet starts from the state's copy, persisted there on change."""
+        if meta.registry_uri:
+            try:
+                registry = ModelRegistry.load(meta.registry_uri, auto_refresh_s=DEFAULT_REGISTRY_REFRESH_S)
+            except FileNotFoundError:
+                registry = ModelRegistry.from_dict(state["registry"], path=meta.registry_uri,
+                                                   auto_refresh_s=DEFAULT_REGISTRY_REFRESH_S)
+            return cls(meta, registry, device=device)
         return cls(meta, ModelRegistry.from_dict(state["registry"]), device=device)
 
     def _load_network_weights(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -487,6 +480,8 @@ class IdentityPolicy(PolicyBase):
     def _save_extra(self, directory: Path, registry_path: str | Path | None = None) -> None:
         """The registry goes to ``registry_path``, else the meta's location, else ``registry.json`` beside the weights."""
         self.meta.models = self.registry.models
+        if registry_path is None and self.meta.registry_uri and self.registry.path == str(self.meta.registry_uri):
+            return  # the live document: every change persists itself; rewriting this copy could undo a newer change
         self.registry.save(registry_path or self.meta.registry_uri or directory / REGISTRY_FILE)
 
     @classmethod

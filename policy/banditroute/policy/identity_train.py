@@ -27,7 +27,8 @@ from banditroute.policy.identity_policy import IdentityMeta, IdentityNetworkConf
 from banditroute.policy.irt import IrtConfig, IrtModel, ItemMaps, fit_identities, fit_irt, population_prior, single_threaded_torch
 from banditroute.policy.model_registry import ModelEntry, ModelRegistry
 from banditroute.policy.reward import fit_tau
-from banditroute.policy.train import BanditEnvironment, BanditLoopConfig, bandit_training_loop
+from banditroute.policy.losses import clipped_importance_weights, reinforce_loss, value_loss
+from banditroute.policy.train import TRAIN_MASKED_LOGIT, BanditEnvironment, BanditLoopConfig, bandit_training_loop
 
 
 @dataclass
@@ -237,3 +238,33 @@ def train_identity_policy(
         "irt_observations": int((~np.isnan(data.scores)).sum()) if config.irt_pulls_per_prompt == 0 else len(data) * config.irt_pulls_per_prompt,
     }
     return policy, env, history
+
+
+def identity_online_step(
+    network: torch.nn.Module,
+    optimiser: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    entropy_coef: float,
+    value_coef: float,
+    importance_clip: float,
+    grad_clip: float,
+) -> dict[str, float]:
+    """One Adam step of the identity network on LOGGED decisions: the loss of the offline loop
+    (``bandit_training_loop``: REINFORCE + learned baseline + entropy), weighted by the clipped
+    importance weight pi(a) / mu(a) of the propensity each decision was logged with (the data comes
+    from older weights). ``batch``: obs (B, D), w_cost (B,), mu / sigma (1, K, d), price_n (1, K),
+    mask (B, K) bool, actions (B,), rewards (B,), propensities (B,)."""
+    network.train()
+    logits, value = network(batch["obs"], batch["w_cost"], batch["mu"], batch["sigma"], batch["price_n"], batch["mask"])
+    network.eval()
+    loss_logits = logits.masked_fill(torch.isneginf(logits), TRAIN_MASKED_LOGIT)
+    actions, rewards = batch["actions"].long(), batch["rewards"].float()
+    pi_a = torch.softmax(loss_logits, dim=-1).gather(1, actions.unsqueeze(1)).squeeze(1)
+    iw = clipped_importance_weights(pi_a.detach(), batch["propensities"].float(), importance_clip)
+    pg_loss, stats = reinforce_loss(loss_logits, actions, rewards, value, entropy_coef, iw)
+    loss = pg_loss + value_coef * value_loss(value, rewards)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in network.parameters() if p.requires_grad], grad_clip)
+    optimiser.step()
+    return {"total_loss": float(loss.detach()), "entropy": float(stats["entropy"]), "mean_importance_weight": float(iw.mean())}

@@ -327,7 +327,7 @@ def fit_identities(
 
     ``embeddings`` (N, D) the prompts; ``scores`` (N, R), NaN where model r
     was not asked prompt n. Prior N(prior_mu, diag prior_std^2) (default:
-    the model's N(0, config.prior_std^2 I); numbers or (dim,) arrays).
+    the model's N(0, config.prior_std^2 I); numbers, (dim,) arrays, or (R, dim) arrays: one prior per column).
     Returns (mu (R, dim), sigma (R, dim)). A column with no observation
     returns the prior.
     """
@@ -343,12 +343,13 @@ def fit_identities(
         a, b = item_maps(torch.as_tensor(embeddings))
     r, d = scores.shape[1], item_maps.dim
     gen = torch.Generator().manual_seed(config.seed)
-    p_std = torch.as_tensor(np.broadcast_to(np.asarray(prior_std, dtype=np.float32), (d,)).copy())
-    p_mu = torch.as_tensor(np.broadcast_to(np.asarray(0.0 if prior_mu is None else prior_mu, dtype=np.float32), (d,)).copy())
+    # one prior for all R columns ((dim,) or a number), or one per column ((R, dim): e.g. each model's own posterior)
+    p_std = torch.as_tensor(np.broadcast_to(np.asarray(prior_std, dtype=np.float32), (r, d)).copy())
+    p_mu = torch.as_tensor(np.broadcast_to(np.asarray(0.0 if prior_mu is None else prior_mu, dtype=np.float32), (r, d)).copy())
     if not (torch.isfinite(p_std).all() and (p_std > 0).all() and torch.isfinite(p_mu).all()):
         raise ValueError("identity prior: mean must be finite and std > 0")
-    mu = p_mu.repeat(r, 1).requires_grad_(True)
-    log_sigma = torch.log(p_std).repeat(r, 1).requires_grad_(True)
+    mu = p_mu.clone().requires_grad_(True)
+    log_sigma = torch.log(p_std).clone().requires_grad_(True)
     opt = torch.optim.Adam([mu, log_sigma], lr=config.identity_learning_rate)
     mask_f = mask.float()
     s = config.identity_mc_samples

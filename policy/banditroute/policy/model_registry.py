@@ -334,9 +334,51 @@ class ModelRegistry:
 
             self._commit(apply)
 
-    def _commit(self, change) -> None:
-        """Apply ``change`` to a copy, persist it, then swap it in (all or nothing)."""
+    def update_identities(self, updates: Mapping[str, tuple[Sequence[float], Sequence[float], int, float]]) -> list[str]:
+        """Refined identities ``{name: (mu, sigma, n_observations, added_at)}`` (the online identity learner).
+
+        Re-reads the stored document first (an admin change made meanwhile is
+        kept), then applies only to models still active whose ``added_at``
+        is the one the refit started from: a model re-onboarded or retired
+        meanwhile keeps what the operator gave it. Returns the names updated
+        (one new version for all of them; none: nothing written).
+        """
+        checked: dict[str, ModelEntry] = {}
+        for name, (mu, sigma, n_obs, _) in updates.items():
+            probe = ModelEntry(name=name, price=0.0, mu=[float(v) for v in np.ravel(mu)],
+                               sigma=[float(v) for v in np.ravel(sigma)], n_observations=int(n_obs))
+            probe.check(self.dim)
+            checked[name] = probe
         with self._lock:
+            if self.path is not None:
+                self.refresh()
+            names = [n for n, (_, _, _, added_at) in updates.items()
+                     if n in self._entries and self._entries[n].active and self._entries[n].added_at == added_at]
+            if not names:
+                return []
+
+            def apply(entries: dict[str, ModelEntry]) -> None:
+                for n in names:
+                    entries[n].mu, entries[n].sigma = checked[n].mu, checked[n].sigma
+                    entries[n].n_observations = checked[n].n_observations
+
+            self._commit(apply)
+            return names
+
+    def _commit(self, change) -> None:
+        """Apply ``change`` to a copy, persist it, then swap it in (all or nothing).
+
+        A persisted registry first re-reads the stored document: several processes write it (the pool
+        admin of each ingress replica, the online identity learner), and a change computed against an
+        older document must land ON TOP of the newer one, not replace it (a slow onboarding quiz would
+        otherwise undo identities written meanwhile, and a writer whose own copy has the same version
+        number as another's write would never see that write)."""
+        with self._lock:
+            if self.path is not None:
+                try:
+                    self.refresh()
+                except FileNotFoundError:
+                    pass
             new_entries = copy.deepcopy(self._entries)
             change(new_entries)
             new_version = self.version + 1

@@ -128,6 +128,21 @@ def pacer_update(state: PacerState, rate: float, config: PacerConfig) -> PacerSt
     return PacerState(w_cost=w, integral=integral, rate=smoothed, updates=state.updates + 1)
 
 
+def cost_weight_adjustment(state: PacerState, config: PacerConfig) -> float:
+    """The pacer's demand as a SHIFT of the cost weight in logit units: logit(w_t) - logit(w_init).
+
+    Serving applies it to each request's own preference (:func:`paced_w_cost`), so a request that asks
+    for quality keeps more of it than one that asks for thrift, while the shift holds the spend."""
+    return _logit(state.w_cost) - _logit(config.w_init)
+
+
+def paced_w_cost(w_cost: float, adjustment: float) -> float:
+    """A request's cost weight under a pacer adjustment: sigmoid(logit(w_cost) + adjustment), in [0, 1]."""
+    if adjustment == 0.0:
+        return float(w_cost)
+    return _sigmoid(_logit(float(w_cost)) + float(adjustment))
+
+
 class BudgetPacer:
     """Stateful pacer: feed it each request's cost (and time); read ``w_cost`` before routing."""
 

@@ -14,11 +14,13 @@ from typing import Any, Mapping
 
 from banditroute.core.config import from_dict, load_config
 from banditroute.core.security import SecurityConfig
+from banditroute.serve.budget import BudgetConfig
 from banditroute.policy.experiments import ExperimentConfig, check_experiments
 from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR, check_bounds
 from banditroute.policy.reward import PreferenceError, preference_to_w_cost
 from banditroute.serve.decision_sinks import DECISION_SINKS
 from banditroute.serve.limits import LimitsConfig
+from banditroute.serve.tenant_config import TenantConfig, check_tenants
 
 ROUTE_MODES = ("explore", "greedy")
 """Decision modes: sample from the policy (propensity logged) or take its argmax."""
@@ -114,6 +116,9 @@ class RouterConfig:
 
     policy: str | None = None
     """Policy checkpoint folder (policy.pt + meta.json); None = take the newest weights from the parameter server."""
+    pool_policy: str | None = None
+    """Identity checkpoint folder whose registry the pool admin API changes while ``policy`` is None (the online
+    loop serves an identity policy: its seed checkpoint; its meta.registry_uri is the live registry replicas read)."""
     app_name: str = "banditroute"
     """Serve application name (``serve.get_app_handle(app_name)``)."""
     route_prefix: str = "/"
@@ -196,6 +201,8 @@ class RouterConfig:
     """Per pool model: its OpenAI-compatible upstream."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     """The replay upstream (answers with logged responses)."""
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    """Budget pacing: spend targets (USD per 1,000 requests, global and per API key) that move the cost weight (serve/budget.py)."""
     security: SecurityConfig = field(default_factory=SecurityConfig)
     """Signed decision tokens (secret from an env var), API keys per endpoint group, body and reward limits."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -203,6 +210,9 @@ class RouterConfig:
     experiments: list[ExperimentConfig] = field(default_factory=list)
     """A/B experiments applied to every decision (policy/experiments.py; the application config's top-level
     ``experiments:`` section lands here)."""
+    tenants: list[TenantConfig] = field(default_factory=list)
+    """API key -> tenant with a default preference, a candidate allow-list and a rate limit (serve/tenants.py; the
+    application config's top-level ``tenants:`` section lands here)."""
 
     def validate(self) -> None:
         if self.policy is None and self.parameter_server_name is None:
@@ -219,6 +229,7 @@ class RouterConfig:
             raise ValueError("max_ongoing_requests must be >= max_batch_size")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {self.placement!r}")
+        self.budget.validate()
         if self.placement == "inline" and self.ingress_max_ongoing_requests < self.max_batch_size:
             raise ValueError("ingress_max_ongoing_requests must be >= max_batch_size when placement is inline")
         if self.batch_wait_timeout_s < 0:
@@ -245,6 +256,7 @@ class RouterConfig:
             up.check(name)
         self.limits.validate()
         check_experiments(self.experiments)
+        check_tenants(self.tenants)
         if self.fallback_model is not None and self.fallback_model == self.router_model_name:
             raise ValueError("fallback_model must be a pool model, not the router's own name")
 

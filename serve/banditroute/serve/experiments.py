@@ -28,6 +28,7 @@ import dataclasses
 from typing import Any, Sequence
 
 from banditroute.core.records import DECISION_SCHEMA, EVENT_SCHEMA, DecisionRecord
+from banditroute.core.storage import StorageConfig
 from banditroute.policy.experiments import OVERRIDE_EXPERIMENT, OVERRIDE_SHADOW, ExperimentConfig, assign_arm
 from banditroute.serve.protocol import RequestError, RouteRequest
 
@@ -70,12 +71,13 @@ def apply_overrides(decisions: Sequence[DecisionRecord | None], reqs: Sequence[R
     return out
 
 
-def read_experiment_rows(storage_uri: str, since: float | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(decision rows, event rows) of the log at ``storage_uri`` with the report's columns (rows outside experiments dropped)."""
+def read_experiment_rows(storage_config: StorageConfig | str, since: float | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(decision rows, event rows) of the log at ``storage_config`` (its endpoint and key env vars; a bare URI: the
+    default settings) with the report's columns (rows outside experiments dropped)."""
     from banditroute.core.event_log import DECISIONS_PREFIX, EVENTS_PREFIX, list_parts, read_parts
     from banditroute.core.storage import open_storage
 
-    storage = open_storage(storage_uri)
+    storage = open_storage(storage_config)
     event_cols = list(REPORT_COLUMNS) + ["score", "cost", "w_cost"]
     decisions = read_parts(storage, list_parts(storage, DECISIONS_PREFIX, since), DECISION_SCHEMA, list(REPORT_COLUMNS))
     events = read_parts(storage, list_parts(storage, EVENTS_PREFIX, since), EVENT_SCHEMA, event_cols)

@@ -47,6 +47,7 @@ from banditroute.serve.body import parse_json_off_loop, read_body
 from banditroute.serve.caller import current_caller, set_caller
 from banditroute.serve.rate_limit import KeyedRateLimiter, retry_after_header
 from banditroute.serve.admin import LearnerAdmin, PoolAdmin, security_report
+from banditroute.serve.budget import BudgetClient, pool_registry_path
 from banditroute.serve.config import as_router_config
 from banditroute.serve.decider import Decider, RouterHandle
 from banditroute.serve.experiments import parse_shadow, parse_user
@@ -66,6 +67,7 @@ from banditroute.serve.protocol import (
 )
 from banditroute.serve.service import RouterService
 from banditroute.serve.stages import StageClock, incoming_trace_context
+from banditroute.serve.tenants import TenantTable, apply_tenant, apply_tenant_batch, caller_tenant, preference_given
 
 logger = logging.getLogger("banditroute.serve")
 
@@ -117,8 +119,13 @@ class RouterIngress:
         self.chat = ChatProxy(self.cfg, self.router, replay, self.stages)
         self.experiments = ExperimentsAdmin(self.cfg)
         self.learner = LearnerAdmin(self.cfg.learner_actor_name, self.cfg.parameter_server_namespace)
-        self.pool = PoolAdmin(self.cfg.policy)  # /v1/admin/models: an identity policy's registry
-        self.m_requests = metric("counter", "banditroute_requests_total", "HTTP requests by endpoint and status.", ("endpoint", "status"))
+        self.pool = PoolAdmin(self.cfg.policy or self.cfg.pool_policy)  # /v1/admin/models: an identity policy's registry
+        # Budget pacing (serve/budget.py): spend targets move each request's w_cost; one shared actor per app.
+        self.budget = BudgetClient(self.cfg.budget, self.cfg.app_name, self.cfg.parameter_server_namespace,
+                                   pool_registry_path(self.cfg.policy or self.cfg.pool_policy))
+        self.tenants = TenantTable(self.cfg.tenants, self.cfg.limits.rate_limit_burst)  # fails the replica on a missing key env var
+        self.m_requests = metric("counter", "banditroute_requests_total", "HTTP requests by endpoint, status and tenant.",
+                                 ("endpoint", "status", "tenant"))
         self.m_latency = metric("histogram", "banditroute_request_latency_ms", "HTTP request latency (ms).", ("endpoint",), LATENCY_BOUNDARIES_MS)
         # Fails the replica (clear message naming security.token_secret_env / *_api_keys_env) when a secret is missing.
         self.security = Security(self.cfg.security)
@@ -144,6 +151,8 @@ class RouterIngress:
 
     def _authorize(self, request: Request, group: str) -> None:
         """Pass when the request's API key admits it to ``group``; else RequestError 401/403 (counted)."""
+        if self.tenants.admits(group, request.headers.get("authorization"), request.headers.get("x-api-key")):
+            return  # a tenant's own key (tenants[].api_keys_env)
         problem = self.security.check_key(group, request.headers.get("authorization"), request.headers.get("x-api-key"))
         if problem is None:
             return
@@ -156,7 +165,14 @@ class RouterIngress:
                            type_="authentication_error", headers=WWW_AUTHENTICATE)
 
     def _rate_limit(self, request: Request, group: str) -> None:
-        """RequestError 429 (``Retry-After``) when the caller's API key (open group: its address) is over its rate."""
+        """RequestError 429 (``Retry-After``) when the caller's API key (open group: its address) is over its rate;
+        a tenant with its own rate limit has one bucket for all its keys instead."""
+        try:
+            if self.tenants.check_rate(caller_tenant(self.tenants)):
+                return
+        except RequestError:
+            self._reject("rate_limited")
+            raise
         if not self.rate_limiter.enabled:
             return
         presented = presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
@@ -226,7 +242,8 @@ class RouterIngress:
         except Exception as exc:  # noqa: BLE001 - never a bare 500
             logger.exception("request failed")
             response = error_response(self._public(RequestError(503, None, f"router unavailable: {type(exc).__name__}: {exc}"[:500]), endpoint))
-        self.m_requests.inc(tags={"endpoint": endpoint, "status": str(response.status_code)})
+        tenant = caller_tenant(self.tenants)
+        self.m_requests.inc(tags={"endpoint": endpoint, "status": str(response.status_code), "tenant": tenant.name if tenant else ""})
         self.m_latency.observe((time.perf_counter() - start) * 1000.0, tags={"endpoint": endpoint})
         return response
 
@@ -254,10 +271,16 @@ class RouterIngress:
             raise RequestError(503, None, f"router not ready: {type(exc).__name__}") from None
 
     async def _route_one(self, req: RouteRequest) -> dict[str, Any]:
+        key = self.budget.pace_all([req], self._budget_key())  # budget pacing (serve/budget.py): never waits
         out = await self.router.route(req)
         if "error" in out:
             raise router_error(out["error"])
+        self.budget.spent([out], key)
         return out
+
+    def _budget_key(self) -> str | None:
+        caller = current_caller() if self.budget.enabled else None
+        return self.security.routing_key_id(caller.authorization, caller.x_api_key) if caller is not None else None
 
     async def _decide_signed(self, req: RouteRequest) -> dict[str, Any]:
         """One routed chat's decision, its id signed (headers and the ``banditroute`` extension carry it)."""
@@ -275,16 +298,21 @@ class RouterIngress:
                 default_mode=self.cfg.default_mode, max_prompt_chars=self.cfg.max_prompt_chars,
             )
             req.user, req.shadow_model = parse_user(body, headers), parse_shadow(body, models)
+            apply_tenant(req, caller_tenant(self.tenants), models, preference_given(body))
         return self._signed((await self._route_one(req))["response"])
 
     async def handle_route_batch(self, body: dict[str, Any]) -> dict[str, Any]:
         """Same as POST /v1/route/batch, for in-cluster callers."""
+        models = await self.models()
         reqs = parse_batch_body(
-            body, models=await self.models(), default_w_cost=self.default_w_cost, default_mode=self.cfg.default_mode,
+            body, models=models, default_w_cost=self.default_w_cost, default_mode=self.cfg.default_mode,
             max_prompt_chars=self.cfg.max_prompt_chars, max_batch_requests=self.cfg.max_batch_requests,
             max_batch_chars=self.cfg.limits.max_batch_chars,
         )
+        apply_tenant_batch(reqs, body, caller_tenant(self.tenants), models)
+        key = self.budget.pace_all(reqs, self._budget_key())
         outs = await self.router.route_many(reqs)
+        self.budget.spent(outs, key)
         now = time.time()
         results = []
         for i, out in enumerate(outs):
@@ -307,6 +335,10 @@ class RouterIngress:
         concurrent calls), several through ``route_many``. Outputs keep the
         deciders' shape: ``{"response": ...}`` or ``{"error": ...}``.
         """
+        if self.tenants:  # an in-cluster caller may name a configured tenant (no HTTP key to take it from)
+            models = await self.models()
+            for req in reqs:
+                apply_tenant(req, self.tenants.resolve(caller_tenant(self.tenants), req.tenant), models, True)
         outs = [await self.router.route(reqs[0])] if len(reqs) == 1 else await self.router.route_many(reqs)
         now = time.time()
         return [{"response": self._signed(o["response"], now)} if "error" not in o else {"error": o["error"]} for o in outs]
@@ -328,7 +360,11 @@ class RouterIngress:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         async def handle():
-            return await self.chat.complete(await self._json(request), self.models, self._decide_signed, request.headers)
+            body, tenant = await self._json(request), caller_tenant(self.tenants)
+
+            async def decide(req: RouteRequest) -> dict[str, Any]:  # the tenant's defaults and allow-list first
+                return await self._decide_signed(apply_tenant(req, tenant, await self.models(), preference_given(body)))
+            return await self.chat.complete(body, self.models, decide, request.headers)
         return await self._endpoint(request, "chat_completions", handle)
 
     @api.get("/v1/models")
@@ -349,6 +385,7 @@ class RouterIngress:
             return {
                 "status": "ok",
                 "policy_version": info["policy_version"],
+                "policy_kind": info.get("policy_kind"),  # which kind serves: barp, value or identity
                 "replica_id": info["replica_id"],
                 "ingress_replica_id": self.replica_id,
                 "models": info["models"],
@@ -382,6 +419,8 @@ class RouterIngress:
                 self._reject("token_replayed")  # a second reward for a rewarded decision: idempotent, but counted
             if status == 200 and payload.get("status") == "accepted":
                 self._observe_reward(body)
+                if self.budget.enabled and isinstance(body.get("cost"), (int, float)):  # the upstream's reported cost
+                    self.budget.record_cost(self._decision_id_from_token(body["decision_id"]), float(body["cost"]))
             return JSONResponse(payload, status_code=status, headers=headers)
         return await self._endpoint(request, "feedback", handle)
 

@@ -17,6 +17,7 @@ FLAG_KEYS: dict[str, tuple[str, ...]] = {
     "max_decisions": ("up.max_decisions",),
     "out": ("up.out",),
     "encoder": ("up.cold_start.encoder",),
+    "kind": ("up.cold_start.kind",),
     "replicas": ("router.num_replicas",),
     "concurrency": ("up.concurrency",),
     "port": ("router.port",),
@@ -33,8 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from banditroute.cluster.config import DEFAULT_MAX_DECISIONS
 
     parser.add_argument("--data", help="routing data to replay (up.data; default ../shared/data/routerbench/train.parquet)")
-    parser.add_argument("--policy", help="warm start from this BaRP checkpoint, a folder or storage URI "
-                                         "(online.initial_policy; default: cold start, random weights)")
+    parser.add_argument("--policy", help="warm start from this checkpoint (barp, value or identity; its kind picks the "
+                                         "online learner), a folder or storage URI (online.initial_policy; default: "
+                                         "cold start, random weights of --kind)")
+    parser.add_argument("--kind", choices=["value", "barp"],  # cluster.cold_start.COLD_START_KINDS
+                        help="cold-start policy kind and so its online learner (up.cold_start.kind): value (default; "
+                             "per-model score and cost, Thompson exploration) or barp (REINFORCE); ignored with --policy")
     parser.add_argument("--max-decisions", type=int,
                         help=f"stop after N routed decisions (up.max_decisions; default {DEFAULT_MAX_DECISIONS}; 0 = until Ctrl-C)")
     parser.add_argument("--out", help="output folder (up.out; default runs/latest)")
