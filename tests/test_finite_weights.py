@@ -37,6 +37,23 @@ def test_a_policy_refuses_non_finite_weights_and_keeps_its_own(bad):
     assert np.array_equal(policy.logits(np.ones((2, 64), np.float32), 0.3).numpy(), before)
 
 
+def test_a_checkpoint_with_non_finite_weights_is_refused_on_load(tmp_path):
+    """Cold start and `serve --frozen` load checkpoints without a snapshot: the same guard applies."""
+    import torch
+
+    from banditroute.policy.checkpoint import load_policy
+
+    policy = hashing_policy(policy_version=5)
+    folder = policy.save(tmp_path / "ckpt")
+    assert load_policy(folder).policy_version == 5
+    weights = torch.load(folder / "policy.pt", weights_only=True)
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name].view(-1)[0] = float("nan")
+    torch.save(weights, folder / "policy.pt")
+    with pytest.raises(NonFiniteWeightsError, match=name.replace(".", r"\.")):
+        load_policy(folder)
+
+
 def test_the_parameter_server_refuses_to_publish_non_finite_weights():
     async def scenario():
         server = ParameterServerState()

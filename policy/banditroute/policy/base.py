@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from banditroute.core.config import from_dict, to_dict
-from banditroute.core.records import WeightsSnapshot
+from banditroute.core.records import NonFiniteWeightsError, WeightsSnapshot, non_finite_weights
 from banditroute.policy.decide import DEFAULT_BOUNDS, Decisions, decide
 from banditroute.policy.encoders import EncoderConfig
 from banditroute.policy.exploration import ExplorationBounds
@@ -271,8 +271,12 @@ class PolicyBase:
         meta = from_dict(cls.meta_class, raw)
         if meta.format != CHECKPOINT_FORMAT:
             raise ValueError(f"{directory}: checkpoint format {meta.format}, this version reads {CHECKPOINT_FORMAT}")
+        weights = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        bad = non_finite_weights({k: v.float() for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point()})
+        if bad:  # a cold start or --frozen serve from it would fail every routing batch
+            raise NonFiniteWeightsError(f"{directory}: non-finite values in {bad[:5]}")
         policy = cls._new_from_checkpoint(meta, directory, device, **options)
-        policy._load_network_weights(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        policy._load_network_weights(weights)
         return policy
 
     # --- what a kind adds ---------------------------------------------------------------------
