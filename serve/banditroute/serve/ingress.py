@@ -8,9 +8,11 @@ this replica's own ``RouterService`` (``placement: inline``: built when the
 app gives no Router handle) or the ``Router`` deployment (``placement:
 replica``; texts tokenized here for encoders with a tokenizer). Here happen
 input validation (serve/protocol.py: a 4xx naming the field), upstream
-proxying and security (core/security.py):
+proxying and security (core/security.py; the checks live in
+serve/admission.py's ``Admission``):
 
 - API keys per endpoint group (``ENDPOINT_GROUPS``; /healthz is open),
+  tenants' own keys too, and rate limits (per key, or per tenant),
 - a body-size cap (``security.max_body_bytes``, also for chunked bodies),
 - signed decision tokens: every decision id a client sees (HTTP or the
   handle methods) is a token minted here from the decider's raw id;
@@ -41,11 +43,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from banditroute.core.security import Security, TokenError, api_key_id, presented_key
+from banditroute.serve.admission import Admission
 from banditroute.serve.api_docs import api_docs_page
 from banditroute.serve.body import parse_json_off_loop, read_body
 from banditroute.serve.caller import current_caller, set_caller
-from banditroute.serve.rate_limit import KeyedRateLimiter, retry_after_header
 from banditroute.serve.admin import LearnerAdmin, PoolAdmin, security_report
 from banditroute.serve.budget import BudgetClient, pool_registry_path
 from banditroute.serve.config import as_router_config
@@ -56,7 +57,6 @@ from banditroute.serve.feedback_endpoint import feedback_target, handle_feedback
 from banditroute.serve.metrics import LATENCY_BOUNDARIES_MS, metric, replica_id, stage_histogram
 from banditroute.serve.openai_proxy import ChatProxy
 from banditroute.serve.protocol import (
-    WWW_AUTHENTICATE,
     RequestError,
     RouteRequest,
     error_body,
@@ -67,15 +67,13 @@ from banditroute.serve.protocol import (
 )
 from banditroute.serve.service import RouterService
 from banditroute.serve.stages import StageClock, incoming_trace_context
-from banditroute.serve.tenants import TenantTable, apply_tenant, apply_tenant_batch, caller_tenant, preference_given
+from banditroute.serve.tenants import apply_tenant, apply_tenant_batch, preference_given, with_tenant_budgets
 
 logger = logging.getLogger("banditroute.serve")
 
 # Which API-key group guards each endpoint (None: open).
 ENDPOINT_GROUPS = {"route": "route", "route_batch": "route", "chat_completions": "route", "models": "route",
                    "feedback": "feedback", "admin": "admin", "healthz": None, "docs": None}
-# HTTP status of each decision-token rejection on /v1/feedback.
-TOKEN_STATUS = {"unsigned": 401, "malformed": 401, "tampered": 401, "expired": 410}
 ROUTER_INFO_TIMEOUT_S = 5.0
 
 
@@ -121,19 +119,14 @@ class RouterIngress:
         self.learner = LearnerAdmin(self.cfg.learner_actor_name, self.cfg.parameter_server_namespace)
         self.pool = PoolAdmin(self.cfg.policy or self.cfg.pool_policy)  # /v1/admin/models: an identity policy's registry
         # Budget pacing (serve/budget.py): spend targets move each request's w_cost; one shared actor per app.
-        self.budget = BudgetClient(self.cfg.budget, self.cfg.app_name, self.cfg.parameter_server_namespace,
+        self.budget = BudgetClient(with_tenant_budgets(self.cfg.budget, self.cfg.tenants), self.cfg.app_name, self.cfg.parameter_server_namespace,
                                    pool_registry_path(self.cfg.policy or self.cfg.pool_policy))
-        self.tenants = TenantTable(self.cfg.tenants, self.cfg.limits.rate_limit_burst)  # fails the replica on a missing key env var
         self.m_requests = metric("counter", "banditroute_requests_total", "HTTP requests by endpoint, status and tenant.",
                                  ("endpoint", "status", "tenant"))
         self.m_latency = metric("histogram", "banditroute_request_latency_ms", "HTTP request latency (ms).", ("endpoint",), LATENCY_BOUNDARIES_MS)
-        # Fails the replica (clear message naming security.token_secret_env / *_api_keys_env) when a secret is missing.
-        self.security = Security(self.cfg.security)
-        self.rejections: dict[str, int] = {}
-        self.m_rejections = metric("counter", "banditroute_security_rejections_total",
-                                   "Requests refused by the ingress's security checks, by reason.", ("reason",))
-        limits = self.cfg.limits
-        self.rate_limiter = KeyedRateLimiter(limits.rate_limit_per_s, limits.rate_limit_burst, limits.rate_limit_max_keys)
+        # API keys (tenants' too), rate limits, decision tokens (serve/admission.py); fails the replica on a missing secret.
+        self.admission = Admission(self.cfg)
+        self.tenants = self.admission.tenants
         self.m_server_errors = metric("counter", "banditroute_server_errors_total",
                                       "5xx answers by endpoint and status (details in the log under the incident id).",
                                       ("endpoint", "status"))
@@ -143,47 +136,7 @@ class RouterIngress:
         if isinstance(self.router, RouterService):
             self.router.set_batching(user_config.get("max_batch_size"), user_config.get("batch_wait_timeout_s"))
 
-    # -- security --
-
-    def _reject(self, reason: str) -> None:
-        self.rejections[reason] = self.rejections.get(reason, 0) + 1
-        self.m_rejections.inc(tags={"reason": reason})
-
-    def _authorize(self, request: Request, group: str) -> None:
-        """Pass when the request's API key admits it to ``group``; else RequestError 401/403 (counted)."""
-        if self.tenants.admits(group, request.headers.get("authorization"), request.headers.get("x-api-key")):
-            return  # a tenant's own key (tenants[].api_keys_env)
-        problem = self.security.check_key(group, request.headers.get("authorization"), request.headers.get("x-api-key"))
-        if problem is None:
-            return
-        self._reject(f"{group}_{problem}")
-        if problem == "disabled":
-            raise RequestError(403, "authorization", f"the {group} API is disabled: set security.{group}_api_keys_env to enable it",
-                               type_="permission_error")
-        what = "is missing" if problem == "missing_key" else "is not valid"
-        raise RequestError(401, "authorization", f"the {group} API key {what}: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
-                           type_="authentication_error", headers=WWW_AUTHENTICATE)
-
-    def _rate_limit(self, request: Request, group: str) -> None:
-        """RequestError 429 (``Retry-After``) when the caller's API key (open group: its address) is over its rate;
-        a tenant with its own rate limit has one bucket for all its keys instead."""
-        try:
-            if self.tenants.check_rate(caller_tenant(self.tenants)):
-                return
-        except RequestError:
-            self._reject("rate_limited")
-            raise
-        if not self.rate_limiter.enabled:
-            return
-        presented = presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
-        key = f"key:{api_key_id(presented)}" if presented and self.security.keys.get(group) else \
-            f"addr:{request.client.host if request.client else '?'}"
-        wait = self.rate_limiter.check(key)
-        if wait > 0:
-            self._reject("rate_limited")
-            raise RequestError(429, "authorization", f"rate limit of this API key exceeded (limits.rate_limit_per_s="
-                                                     f"{self.rate_limiter.rate_per_s:g}, burst {self.rate_limiter.burst:g}); "
-                                                     f"retry in {wait:.2f}s", type_="rate_limit_error", headers=retry_after_header(wait))
+    # -- errors --
 
     def _public(self, err: RequestError, endpoint: str) -> RequestError:
         """A 5xx as the client sees it (generic text + incident id); its details are logged and counted."""
@@ -193,32 +146,6 @@ class RouterIngress:
         logger.error("%s answered %d (incident %s): %s", endpoint, err.status, incident, err.message)
         self.m_server_errors.inc(tags={"endpoint": endpoint, "status": str(err.status)})
         return public_error(err, incident)
-
-    def _signed(self, response: dict[str, Any], now: float | None = None) -> dict[str, Any]:
-        """A decider's answer with its raw decision id replaced by the client-facing (signed) token, bound
-        to the route key of the HTTP request being answered (none for Python API callers)."""
-        caller = current_caller()
-        token = self.security.token(response["decision_id"], response["model"], response["policy_version"],
-                                    time.time() if now is None else now,
-                                    self.security.routing_key_id(caller.authorization, caller.x_api_key))
-        return dict(response, decision_id=token)
-
-    def _decision_id_from_token(self, token: str) -> str:
-        """/v1/feedback: the raw decision id a valid token binds (RequestError 401/410 otherwise, counted)."""
-        if not self.security.signing:
-            return token
-        try:
-            claims = self.security.verify(token, time.time())
-        except TokenError as exc:
-            self._reject(f"token_{exc.kind}")
-            status = TOKEN_STATUS[exc.kind]
-            raise RequestError(status, "decision_id", exc.message, headers=WWW_AUTHENTICATE if status == 401 else None) from None
-        caller = current_caller()
-        if self.security.check_token_key(claims, caller.authorization, caller.x_api_key) is not None:
-            self._reject("token_wrong_key")
-            raise RequestError(403, "decision_id", "decision_id was routed under another API key: reward it with the key "
-                                                   "that routed it (or a dedicated feedback key)", type_="permission_error")
-        return claims.decision_id
 
     # -- the wrapper of every endpoint --
 
@@ -231,8 +158,8 @@ class RouterIngress:
         set_caller(group, request.headers)
         try:
             if group is not None:
-                self._authorize(request, group)
-                self._rate_limit(request, group)
+                self.admission.authorize(request.headers, group)
+                self.admission.rate_limit(request.headers, request.client.host if request.client else None, group)
             with incoming_trace_context(request.headers):  # the caller's trace is the parent of our stage spans
                 response = await handle()
             if not isinstance(response, Response):
@@ -242,7 +169,7 @@ class RouterIngress:
         except Exception as exc:  # noqa: BLE001 - never a bare 500
             logger.exception("request failed")
             response = error_response(self._public(RequestError(503, None, f"router unavailable: {type(exc).__name__}: {exc}"[:500]), endpoint))
-        tenant = caller_tenant(self.tenants)
+        tenant = self.admission.tenant()
         self.m_requests.inc(tags={"endpoint": endpoint, "status": str(response.status_code), "tenant": tenant.name if tenant else ""})
         self.m_latency.observe((time.perf_counter() - start) * 1000.0, tags={"endpoint": endpoint})
         return response
@@ -251,7 +178,7 @@ class RouterIngress:
         """The JSON body within the endpoint group's limit (security.*max_body_bytes: 413 ``body``, a larger
         Content-Length is not read); large bodies parsed off the event loop (serve/body.py)."""
         limit, limit_name = self.cfg.security.body_limit(current_caller().group or "route")
-        raw = await read_body(request.headers, request.stream(), limit, limit_name, lambda: self._reject("body_too_large"))
+        raw = await read_body(request.headers, request.stream(), limit, limit_name, lambda: self.admission.reject("body_too_large"))
         return await parse_json_off_loop(raw, self.cfg.limits.json_thread_min_bytes)
 
     # -- routing helpers --
@@ -271,21 +198,20 @@ class RouterIngress:
             raise RequestError(503, None, f"router not ready: {type(exc).__name__}") from None
 
     async def _route_one(self, req: RouteRequest) -> dict[str, Any]:
-        key = self.budget.pace_all([req], self._budget_key())  # budget pacing (serve/budget.py): never waits
+        key = self.budget.pace_all([req], self._budget_key(), req.tenant)  # budget pacing (serve/budget.py): never waits
         out = await self.router.route(req)
         if "error" in out:
             raise router_error(out["error"])
-        self.budget.spent([out], key)
+        self.budget.spent([out], key, req.tenant)
         return out
 
     def _budget_key(self) -> str | None:
-        caller = current_caller() if self.budget.enabled else None
-        return self.security.routing_key_id(caller.authorization, caller.x_api_key) if caller is not None else None
+        return self.admission.routing_key_id() if self.budget.enabled else None
 
     async def _decide_signed(self, req: RouteRequest) -> dict[str, Any]:
         """One routed chat's decision, its id signed (headers and the ``banditroute`` extension carry it)."""
         out = await self._route_one(req)
-        return dict(out, response=self._signed(out["response"]))
+        return dict(out, response=self.admission.signed(out["response"]))
 
     # -- Python API (DeploymentHandle callers: serve.get_app_handle(app_name).handle_route.remote(body)) --
 
@@ -298,8 +224,8 @@ class RouterIngress:
                 default_mode=self.cfg.default_mode, max_prompt_chars=self.cfg.max_prompt_chars,
             )
             req.user, req.shadow_model = parse_user(body, headers), parse_shadow(body, models)
-            apply_tenant(req, caller_tenant(self.tenants), models, preference_given(body))
-        return self._signed((await self._route_one(req))["response"])
+            apply_tenant(req, self.admission.tenant(), models, preference_given(body))
+        return self.admission.signed((await self._route_one(req))["response"])
 
     async def handle_route_batch(self, body: dict[str, Any]) -> dict[str, Any]:
         """Same as POST /v1/route/batch, for in-cluster callers."""
@@ -309,10 +235,11 @@ class RouterIngress:
             max_prompt_chars=self.cfg.max_prompt_chars, max_batch_requests=self.cfg.max_batch_requests,
             max_batch_chars=self.cfg.limits.max_batch_chars,
         )
-        apply_tenant_batch(reqs, body, caller_tenant(self.tenants), models)
-        key = self.budget.pace_all(reqs, self._budget_key())
+        tenant = self.admission.tenant()
+        apply_tenant_batch(reqs, body, tenant, models)
+        key = self.budget.pace_all(reqs, self._budget_key(), tenant.name if tenant else None)
         outs = await self.router.route_many(reqs)
-        self.budget.spent(outs, key)
+        self.budget.spent(outs, key, tenant.name if tenant else None)
         now = time.time()
         results = []
         for i, out in enumerate(outs):
@@ -321,7 +248,7 @@ class RouterIngress:
                 field = f"requests[{i}].{err['field']}" if err.get("field") else None
                 results.append(error_body(int(err.get("status", 500)), err["message"], field))
             else:
-                results.append(self._signed(out["response"], now))
+                results.append(self.admission.signed(out["response"], now))
         return {"results": results}
 
     async def router_info(self) -> dict[str, Any]:
@@ -338,10 +265,10 @@ class RouterIngress:
         if self.tenants:  # an in-cluster caller may name a configured tenant (no HTTP key to take it from)
             models = await self.models()
             for req in reqs:
-                apply_tenant(req, self.tenants.resolve(caller_tenant(self.tenants), req.tenant), models, True)
+                apply_tenant(req, self.tenants.resolve(self.admission.tenant(), req.tenant), models, True)
         outs = [await self.router.route(reqs[0])] if len(reqs) == 1 else await self.router.route_many(reqs)
         now = time.time()
-        return [{"response": self._signed(o["response"], now)} if "error" not in o else {"error": o["error"]} for o in outs]
+        return [{"response": self.admission.signed(o["response"], now)} if "error" not in o else {"error": o["error"]} for o in outs]
 
     # -- HTTP: routing --
 
@@ -360,7 +287,7 @@ class RouterIngress:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         async def handle():
-            body, tenant = await self._json(request), caller_tenant(self.tenants)
+            body, tenant = await self._json(request), self.admission.tenant()
 
             async def decide(req: RouteRequest) -> dict[str, Any]:  # the tenant's defaults and allow-list first
                 return await self._decide_signed(apply_tenant(req, tenant, await self.models(), preference_given(body)))
@@ -412,15 +339,15 @@ class RouterIngress:
         async def handle():
             body = await self._json(request)
             status, payload, headers = await handle_feedback(
-                body, **feedback_target(self.cfg), resolve_decision_id=self._decision_id_from_token,
+                body, **feedback_target(self.cfg), resolve_decision_id=self.admission.decision_id_from_token,
                 max_cost_usd=self.cfg.security.max_reward_cost_usd,
             )
             if status == 409:
-                self._reject("token_replayed")  # a second reward for a rewarded decision: idempotent, but counted
+                self.admission.reject("token_replayed")  # a second reward for a rewarded decision: idempotent, but counted
             if status == 200 and payload.get("status") == "accepted":
                 self._observe_reward(body)
                 if self.budget.enabled and isinstance(body.get("cost"), (int, float)):  # the upstream's reported cost
-                    self.budget.record_cost(self._decision_id_from_token(body["decision_id"]), float(body["cost"]))
+                    self.budget.record_cost(self.admission.decision_id_from_token(body["decision_id"]), float(body["cost"]))
             return JSONResponse(payload, status_code=status, headers=headers)
         return await self._endpoint(request, "feedback", handle)
 
@@ -437,7 +364,7 @@ class RouterIngress:
     async def admin_security(self, request: Request):
         """Security rejections counted by THIS ingress replica (the metric sums all replicas)."""
         async def handle():
-            return security_report(self.replica_id, self.security, self.cfg.security, self.rejections)
+            return security_report(self.replica_id, self.admission.security, self.cfg.security, self.admission.rejections)
         return await self._endpoint(request, "admin", handle)
 
     @api.get("/v1/admin/experiments")

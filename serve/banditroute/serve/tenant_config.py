@@ -32,6 +32,9 @@ class TenantConfig:
     """Requests per second for all of the tenant's keys together, per ingress replica; None = limits.rate_limit_per_s per key."""
     rate_limit_burst: int | None = None
     """Token-bucket size of the tenant's rate limit; None = limits.rate_limit_burst."""
+    budget_usd_per_1k: float | None = None
+    """Spend target of all the tenant's requests, USD per 1,000 requests: one more budget-pacing scope
+    (``tenant:<name>``, serve/budget.py) moving their w_cost; None = no tenant budget."""
 
     def check(self, where: str) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -56,6 +59,10 @@ class TenantConfig:
             raise ValueError(f"{where}.rate_limit_per_s: must be a finite number > 0 (leave it out for the per-key limit)")
         if self.rate_limit_burst is not None and self.rate_limit_burst < 1:
             raise ValueError(f"{where}.rate_limit_burst: must be >= 1")
+        budget = self.budget_usd_per_1k
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not math.isfinite(budget) or budget <= 0):
+            raise ValueError(f"{where}.budget_usd_per_1k: must be a finite number > 0 (USD per 1,000 requests), got {budget!r}")
 
     def w_cost(self) -> float | None:
         """w_cost of the tenant's default preference (None: the router's default)."""

@@ -17,6 +17,10 @@ has:
 - its own rate limit (``rate_limit_per_s`` / ``rate_limit_burst``): one
   token bucket shared by all of the tenant's keys, per ingress replica, in
   place of the per-key ``limits.rate_limit_per_s``.
+- its budget (``budget_usd_per_1k``): one more scope, ``tenant:<name>``, of
+  the live budget pacing (serve/budget.py; :func:`with_tenant_budgets`), so
+  the tenant's spend per 1,000 requests is held by moving its requests'
+  w_cost, on top of the global and per-key targets.
 
 The tenant comes from the key only: ``RouteRequest.tenant`` is overwritten
 from the key for HTTP callers, and a body cannot set it. In-cluster Python
@@ -24,10 +28,6 @@ callers (RouterClient, no HTTP key) may name a configured tenant in
 ``RouteRequest.tenant``: its allow-list then applies too. The decision log
 (``tenant`` column) and the metrics (``banditroute_requests_total`` and
 ``banditroute_decisions_total`` by ``tenant``) carry it.
-
-Budget per tenant is not here yet: the live per-key budget pacing
-(serve/budget.py) landed alongside; a tenant scope there is the follow-up
-(docs/operations.md).
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from banditroute.core.security import api_key_id, presented_key, split_keys
+from banditroute.serve.budget import BudgetConfig
 from banditroute.serve.caller import current_caller
 from banditroute.serve.protocol import RequestError, RouteRequest, short_repr
 from banditroute.serve.rate_limit import KeyedRateLimiter, retry_after_header
@@ -187,3 +188,12 @@ def apply_tenant_batch(reqs: list[RouteRequest], body: Any, tenant: Tenant | Non
         own = isinstance(item, dict) and "candidates" in item  # else the batch's shared candidates are at fault
         apply_tenant(req, tenant, pool, preference_given(item, shared), f"requests[{i}]." if own else "")
     return reqs
+
+
+def with_tenant_budgets(budget: BudgetConfig, tenants: Sequence[TenantConfig]) -> BudgetConfig:
+    """``budget`` with each tenant's ``budget_usd_per_1k`` as its ``per_tenant_usd_per_1k`` target (a target
+    given there directly for a tenant without one in ``tenants:`` stays)."""
+    targets = {t.name: float(t.budget_usd_per_1k) for t in tenants if t.budget_usd_per_1k is not None}
+    if not targets:
+        return budget
+    return replace(budget, per_tenant_usd_per_1k={**budget.per_tenant_usd_per_1k, **targets})
