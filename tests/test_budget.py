@@ -121,3 +121,85 @@ def test_disabled_by_default_and_never_touches_requests():
     client = BudgetClient(BudgetConfig(), "t", None, None, actor_factory=lambda: None)
     req = Req()
     assert not client.enabled and client.pace_all([req], "k") == "k" and req.w_cost == 0.4
+
+
+FLOOR = 0.2
+"""The synthetic policy's exploration floor on 'dear' (the share no cost weight removes from explore decisions)."""
+
+
+def simulate_explore(config: BudgetConfig, n: int, seed: int = 0) -> tuple[list[float], BudgetClient, BudgetLedger]:
+    """Explore traffic through the client and the ledger: an explore decision picks 'dear' with probability
+    max(FLOOR, (1 - w)^2), a greedy one when (1 - w)^2 > 1/2. Its explore spend never goes below
+    1000 * (0.2 * 0.002 + 0.8 * 0.0001) = 0.48 USD per 1k, whatever the cost weight."""
+    import numpy as np
+
+    class Req:
+        def __init__(self, w):
+            self.w_cost, self.mode = w, "explore"
+
+    ledger = BudgetLedger(config, PRICES.get)
+    client = BudgetClient(config, "t", None, None, actor_factory=lambda: None, rng_seed=seed)
+    client._ensure_reporter = lambda: None  # no event loop here: the view is handed over by hand below
+    rng = np.random.default_rng(seed)
+    spent = []
+    for start in range(0, n, 10):  # ten decisions per report: the view an ingress routes with lags behind
+        reqs = [Req(float(rng.uniform(0, 1))) for _ in range(10)]
+        client.pace_all(reqs, None)
+        batch = []
+        for i, req in enumerate(reqs):
+            p_dear = (1 - req.w_cost) ** 2
+            dear = p_dear > 0.5 if req.mode == "greedy" else rng.random() < max(FLOOR, p_dear)
+            batch.append((f"{start + i}", "dear" if dear else "cheap", None))
+            spent.append(PRICES[batch[-1][1]])
+        client.view = ledger.report(batch, [])
+    return spent, client, ledger
+
+
+def test_a_target_below_the_exploration_floors_spend_is_held_by_deciding_some_requests_greedily():
+    target = 0.4  # below the 0.48 USD per 1k that explore traffic costs at any cost weight
+    spent, client, ledger = simulate_explore(BudgetConfig(target_usd_per_1k=target), 4000)
+    assert abs(sum(spent[2000:]) / 2000 * 1000 / target - 1) < 0.10
+    view = ledger.view()["global"]
+    assert view["adjustment"] == pytest.approx(4.0) and 0.0 < view["greedy_fraction"] < 1.0
+    assert not view["at_limit"] and client.greedy_decisions > 0
+
+
+def test_without_the_greedy_lever_the_same_target_is_missed_and_the_view_says_so():
+    spent, client, ledger = simulate_explore(BudgetConfig(target_usd_per_1k=0.4, max_greedy_fraction=0.0), 4000)
+    assert sum(spent[2000:]) / 2000 * 1000 > 0.44  # the shift alone stays over the target (round 2's failure)
+    view = ledger.view()["global"]
+    assert view["at_limit"] and view["greedy_fraction"] == 0.0 and client.greedy_decisions == 0
+
+
+def test_an_unreachable_target_saturates_every_lever_and_is_flagged():
+    spent, client, ledger = simulate_explore(BudgetConfig(target_usd_per_1k=0.05), 3000)  # below the cheap model's 0.1
+    view = ledger.view()["global"]
+    assert view["at_limit"] and view["greedy_fraction"] == pytest.approx(1.0) and view["adjustment"] == pytest.approx(4.0)
+
+
+def test_greedy_requests_and_unpaced_scopes_are_left_alone():
+    from banditroute.serve.budget import greedy_share_for
+
+    view = {"global": {"adjustment": 4.0, "greedy_fraction": 0.5}, "key:k": {"adjustment": 0.0, "greedy_fraction": 0.5}}
+    assert greedy_share_for(view, None) == pytest.approx(0.5) and greedy_share_for(view, "k") == pytest.approx(0.75)
+    assert greedy_share_for({}, "k") == 0.0
+
+    class Req:
+        def __init__(self, mode):
+            self.w_cost, self.mode = 0.5, mode
+
+    client = BudgetClient(BudgetConfig(target_usd_per_1k=1.0), "t", None, None, actor_factory=lambda: None, rng_seed=0)
+    client._ensure_reporter = lambda: None
+    client.view = {"global": {"adjustment": 0.0, "greedy_fraction": 1.0}}
+    reqs = [Req("explore"), Req("greedy")]
+    client.pace_all(reqs, None)
+    assert [r.mode for r in reqs] == ["greedy", "greedy"] and client.greedy_decisions == 1
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"target_usd_per_1k": 1, "greedy_span": 0}, "budget.greedy_span"),
+    ({"target_usd_per_1k": 1, "max_greedy_fraction": 1.5}, "budget.max_greedy_fraction"),
+])
+def test_bad_greedy_lever_config_names_the_field(raw, field):
+    with pytest.raises((ValueError, ConfigError), match=field.replace(".", r"\.")):
+        from_dict(RouterConfig, {"policy": "x", "budget": raw}, prefix="router").validate()

@@ -114,3 +114,21 @@ def test_replay_through_a_policy():
     assert abs(res["relative_error_after_warmup"]) < 0.05
     assert res["block_mape_after_warmup"] < 0.1
     assert 0.5 < res["mean_score"] < 1.0
+
+
+def test_the_controller_output_moves_the_shift_first_then_the_greedy_share():
+    from banditroute.policy.pacer import spend_levers
+
+    assert spend_levers(-9.0, 4.0, 2.0, 1.0) == (-4.0, 0.0)  # under-spending: only the shift, bounded
+    assert spend_levers(3.0, 4.0, 2.0, 1.0) == (3.0, 0.0)
+    assert spend_levers(5.0, 4.0, 2.0, 1.0) == (4.0, pytest.approx(0.5))
+    assert spend_levers(99.0, 4.0, 2.0, 0.8) == (4.0, pytest.approx(0.8))  # capped at max_greedy
+    assert spend_levers(99.0, 4.0, 2.0, 0.0) == (4.0, 0.0)  # lever off
+
+
+def test_scopes_greedy_shares_combine_as_independent_draws():
+    from banditroute.policy.pacer import combined_greedy_share
+
+    assert combined_greedy_share([]) == 0.0
+    assert combined_greedy_share([0.5, 0.5]) == pytest.approx(0.75)
+    assert combined_greedy_share([0.2, 0.0, 1.0]) == pytest.approx(1.0)

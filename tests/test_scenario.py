@@ -87,3 +87,26 @@ def test_summary_reports_events_and_spend():
     assert out["events"][0]["share_before"] == 0.0 and out["events"][0]["share_after"] == 1.0
     assert out["spend_usd_per_1k"] == pytest.approx({"whole": 0.3, "last_half": 0.4})
     assert out["budget_error_last_half"] == pytest.approx(0.4 / 0.3 - 1)
+
+
+def test_budget_comparison_puts_the_runs_second_half_next_to_the_static_weight_that_spends_the_target(tmp_path):
+    from banditroute.cluster.scenario_run import budget_comparison
+    from banditroute.testkit.synthetic import make_routing_data
+
+    data = make_routing_data(60, seed=1)
+    pool = {"cheap-math": ([-0.5, 0.0], 1e-4), "cheap-code": ([0.0, -0.5], 1e-4), "expensive": ([1.5, 1.5], 2e-3)}
+    src = tiny_identity_checkpoint(tmp_path / "src", pool=pool)
+    state = TrafficState(list(data.models), 10)
+    for i in range(40):  # first half all 'expensive', second half all 'cheap-math'
+        k = 2 if i < 20 else 0
+        state.record(0.5, k, 0, i, 0.5, float(data.costs[i, k]))
+    out = budget_comparison(str(src), data, state, 1.0)
+    run = out["run_last_half"]
+    assert out["target_usd_per_1k"] == 1.0
+    assert run["spend_usd_per_1k"] == pytest.approx(1000 * data.costs[20:40, 0].mean())  # the second half only
+    assert run["mean_score"] == pytest.approx(data.scores_filled[20:40, 0].mean()) and run["mean_reward"] == 0.5
+    static = out["static_in_hindsight"]
+    assert 0.0 <= static["w_cost"] <= 1.0 and static["spend_usd_per_1k"] <= 1.0 + 1e-9
+    dearer = budget_comparison(str(src), data, state, 3.0)["static_in_hindsight"]
+    assert dearer["w_cost"] <= static["w_cost"] and dearer["mean_score"] >= static["mean_score"] - 1e-9
+    assert dearer["spend_usd_per_1k"] <= 3.0 + 1e-9

@@ -73,7 +73,7 @@ class ScenarioConfig:
     withhold: list[str] = field(default_factory=list)
     """Models retired from the pool before the run starts (onboard them with an event)."""
     budget_usd_per_1k: float | None = None
-    """Spend target in USD per 1,000 requests (reported against the run's spend; pacing in serving is not built yet)."""
+    """Spend target in USD per 1,000 requests: the router's global budget target for the run (serve/budget.py paces it)."""
     window: int = 500
     """Decisions before / after each event that its share and reward figures cover."""
     events: list[ScenarioEvent] = field(default_factory=list)

@@ -105,11 +105,13 @@ def run_scenario(app: AppConfig) -> dict[str, Any]:
         drive_s = time.monotonic() - started
         learner = settle_learner(running, up.settle_timeout_s)
         learner["served_kind"] = running.health.get("policy_kind")
+        pacer = budget_view(run_app) if run_app.router.budget.enabled else None
     summary = scenario_summary(state, scenario, events, policy.tau, drive_s, source)
     summary["learner"] = learner
     summary["registry_final"] = registry_figures(out / "policy" / "registry.json")
     if scenario.budget_usd_per_1k is not None:
         summary["budget"] = budget_comparison(source, data, state, scenario.budget_usd_per_1k)
+        summary["budget"]["pacer_final"] = pacer
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for e in summary["events"]:
         print(f"event at {e['at']}: {e['kind']} {e['model']}: share {e['share_before']} -> {e['share_after']}, "
@@ -197,6 +199,19 @@ def budget_comparison(source: str, data, state: TrafficState, target_usd_per_1k:
                               "mean_score": float(scores[np.arange(len(rows)), chosen].mean()),
                               "mean_reward": float(np.mean(state.rewards[half:]))},
             "static_in_hindsight": {"w_cost": w, "spend_usd_per_1k": cost * 1000.0, "mean_score": score}}
+
+
+def budget_view(app: AppConfig) -> dict[str, Any] | None:
+    """The budget actor's last view (per scope: shift, greedy share, at_limit, spend rate); None when unreachable."""
+    import ray
+
+    from banditroute.serve.budget import actor_name
+
+    try:
+        actor = ray.get_actor(actor_name(app.router.app_name), namespace=app.router.parameter_server_namespace)
+        return ray.get(actor.view.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - a figure of the summary, not worth failing the run for
+        return None
 
 
 def settle_learner(running, timeout_s: float) -> dict[str, Any]:

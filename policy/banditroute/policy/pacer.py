@@ -143,6 +143,32 @@ def paced_w_cost(w_cost: float, adjustment: float) -> float:
     return _sigmoid(_logit(float(w_cost)) + float(adjustment))
 
 
+def spend_levers(adjustment: float, max_shift: float, greedy_span: float, max_greedy: float) -> tuple[float, float]:
+    """A serving budget controller's output (logit units) split into its two levers -> (shift, greedy share).
+
+    First the shift of each request's logit(w_cost), within +-``max_shift``; beyond +``max_shift``,
+    the share of explore requests decided greedily instead, growing linearly to ``max_greedy`` over
+    ``greedy_span`` more units. Why a second lever: an explore decision keeps EVERY candidate above
+    the exploration floor (1 % each by default), so no cost weight takes the spend of explore traffic
+    below the floor's own spend on the dear models; on RouterBench's 11 models the identity policy's
+    explore traffic costs 0.348 USD per 1k even at w_cost = 1 for every request, while greedy
+    decisions at high w_cost pick the cheap models outright. Shift first: below the floor's
+    reach it is the cheaper lever in quality."""
+    shift = min(max(float(adjustment), -max_shift), max_shift)
+    if greedy_span <= 0 or max_greedy <= 0:
+        return shift, 0.0
+    return shift, min(max((float(adjustment) - max_shift) / greedy_span, 0.0), 1.0) * max_greedy
+
+
+def combined_greedy_share(shares: Sequence[float]) -> float:
+    """Probability that a request governed by several scopes is decided greedily: any scope asking suffices
+    (independent draws: 1 - prod(1 - share))."""
+    keep = 1.0
+    for share in shares:
+        keep *= 1.0 - min(max(float(share), 0.0), 1.0)
+    return 1.0 - keep
+
+
 class BudgetPacer:
     """Stateful pacer: feed it each request's cost (and time); read ``w_cost`` before routing."""
 

@@ -3,7 +3,7 @@
 Where the state lives: ONE small Ray actor per application (``BudgetActor``,
 named ``banditroute-budget-<app_name>``, created by the first ingress replica
 that needs it) holds a PI controller per scope (``global``, ``key:<api key
-id>``; the maths are ``policy.pacer``'s: ``pacer_update`` on the log spend
+id>``, ``tenant:<name>``; the maths are ``policy.pacer``'s: ``pacer_update`` on the log spend
 error, ``cost_weight_adjustment``). Ingress replicas never wait for it: each
 keeps the last adjustments it was told, routes with them, and every
 ``report_interval_s`` sends what it decided (decision id, model, key) and the
@@ -17,8 +17,14 @@ by the upstream's reported cost when a reward with ``cost`` arrives for it
 (the difference is booked into the current window).
 
 A request's cost weight becomes sigmoid(logit(w_cost) + shift), shift = the
-global adjustment plus its key's (``policy.pacer.paced_w_cost``); both
-controllers act on it, each on the spend it governs. Paced: ``/v1/route``,
+global adjustment plus its key's and its tenant's (``policy.pacer.paced_w_cost``);
+each controller acts on it, on the spend it governs. A scope's controller output
+beyond ``max_adjustment`` drives a second lever (``policy.pacer.spend_levers``): the
+share of EXPLORE requests decided greedily (propensity 1, logged as such). Explore
+decisions keep every candidate above the exploration floor, which on RouterBench
+costs more than 0.3 USD per 1k whatever the cost weight (docs/any_model_set.md
+section 10); ``at_limit`` in the view (and a warning) says a target is below what
+the traffic can cost with every lever at its bound. Paced: ``/v1/route``,
 ``/v1/route/batch`` and the chat proxy's decisions (all go through the
 ingress's ``_route_one`` / ``route_many``); the decision log records the
 paced w_cost (what the policy decided with).
@@ -29,11 +35,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from banditroute.policy.pacer import PacerConfig, PacerState, cost_weight_adjustment, pacer_update, paced_w_cost, window_rate
+from banditroute.policy.pacer import (PacerConfig, PacerState, combined_greedy_share, cost_weight_adjustment, pacer_update,
+                                      paced_w_cost, spend_levers, window_rate)
 
 logger = logging.getLogger(__name__)
 GLOBAL = "global"
@@ -49,16 +57,25 @@ class BudgetConfig:
     """Global spend target in USD per 1,000 requests; None = no global target."""
     per_key_usd_per_1k: dict[str, float] = field(default_factory=dict)
     """Spend targets per API key, by key id (``banditroute.core.security.api_key_id(key)``), USD per 1,000 of its requests."""
+    per_tenant_usd_per_1k: dict[str, float] = field(default_factory=dict)
+    """Spend targets per tenant name, USD per 1,000 of its requests (filled from ``tenants[].budget_usd_per_1k``, serve/tenants.py)."""
     window: int = 50
     """Requests per controller update (per scope)."""
-    kp: float = 0.3
+    kp: float = 1.0
     """Proportional gain on the log spend error (logit units)."""
-    ki: float = 0.3
-    """Integral gain on the summed log spend error (logit units per update)."""
+    ki: float = 0.8
+    """Integral gain on the summed log spend error (logit units per update). Near the bound a logit unit moves the
+    spend by only ~10 %, so round 2's 0.3 took ~1,500 decisions to settle; 0.8 settles in a few hundred (offline
+    closed-loop replay, docs/any_model_set.md section 10)."""
     ema: float = 0.5
     """Weight of the newest window in the smoothed spend rate."""
     max_adjustment: float = 4.0
     """Bound on each scope's shift of logit(w_cost) (4 moves w = 0.5 to 0.02 .. 0.98)."""
+    greedy_span: float = 2.0
+    """Controller output beyond ``max_adjustment`` (logit units) over which the share of explore requests decided
+    greedily grows from 0 to ``max_greedy_fraction`` (the second lever: the exploration floor's spend, policy.pacer.spend_levers)."""
+    max_greedy_fraction: float = 1.0
+    """Largest share of explore requests the pacer decides greedily (0 = the cost weight is the only lever)."""
     report_interval_s: float = 0.25
     """How often each ingress replica reports its decisions and reads the adjustments."""
     prices: dict[str, float] = field(default_factory=dict)
@@ -66,14 +83,17 @@ class BudgetConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.target_usd_per_1k is not None or bool(self.per_key_usd_per_1k)
+        return self.target_usd_per_1k is not None or bool(self.per_key_usd_per_1k) or bool(self.per_tenant_usd_per_1k)
 
     def validate(self) -> None:
         targets = dict(self.per_key_usd_per_1k)
         if self.target_usd_per_1k is not None:
             targets["target_usd_per_1k"] = self.target_usd_per_1k
+        targets.update({f"tenant:{name}": value for name, value in self.per_tenant_usd_per_1k.items()})
         for name, value in targets.items():
             where = "budget.target_usd_per_1k" if name == "target_usd_per_1k" else f"budget.per_key_usd_per_1k.{name}"
+            if name.startswith("tenant:"):
+                where = f"budget.per_tenant_usd_per_1k.{name[len('tenant:'):]}"
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{where}: must be a finite number > 0 (USD per 1,000 requests), got {value!r}")
         for name, value in self.prices.items():
@@ -83,12 +103,22 @@ class BudgetConfig:
             raise ValueError("budget: need window >= 1, kp >= 0, ki >= 0 and 0 < ema <= 1")
         if not (math.isfinite(self.max_adjustment) and self.max_adjustment > 0) or self.report_interval_s <= 0:
             raise ValueError("budget.max_adjustment and budget.report_interval_s must be > 0")
+        if not (math.isfinite(self.greedy_span) and self.greedy_span > 0):
+            raise ValueError(f"budget.greedy_span: must be a finite number > 0, got {self.greedy_span!r}")
+        if not 0.0 <= self.max_greedy_fraction <= 1.0:
+            raise ValueError(f"budget.max_greedy_fraction: must be in [0, 1], got {self.max_greedy_fraction!r}")
 
     def pacer(self, target: float) -> PacerConfig:
-        """The controller of one scope: starts at no shift (w_init 0.5), bounded by ``max_adjustment``."""
+        """The controller of one scope: starts at no shift (w_init 0.5); its output (logit units) runs from
+        -``max_adjustment`` to ``max_adjustment`` + ``greedy_span`` (the greedy lever above the shift's bound)."""
         lo = 1.0 / (1.0 + math.exp(self.max_adjustment))
+        hi = 1.0 / (1.0 + math.exp(-(self.max_adjustment + (self.greedy_span if self.max_greedy_fraction > 0 else 0.0))))
         return PacerConfig(target=float(target), unit="per_1k_requests", window=self.window, kp=self.kp, ki=self.ki,
-                           ema=self.ema, w_init=0.5, w_min=lo, w_max=1.0 - lo)
+                           ema=self.ema, w_init=0.5, w_min=lo, w_max=hi)
+
+    def levers(self, adjustment: float) -> tuple[float, float]:
+        """A scope's controller output -> (logit shift of w_cost, share of explore requests decided greedily)."""
+        return spend_levers(adjustment, self.max_adjustment, self.greedy_span, self.max_greedy_fraction)
 
 
 @dataclass
@@ -113,9 +143,12 @@ class BudgetLedger:
             self.scopes[GLOBAL] = self._scope(config.target_usd_per_1k)
         for key, target in config.per_key_usd_per_1k.items():
             self.scopes[f"key:{key}"] = self._scope(target)
+        for tenant, target in config.per_tenant_usd_per_1k.items():
+            self.scopes[f"tenant:{tenant}"] = self._scope(target)
         self.pending: OrderedDict[str, tuple[float, tuple[str, ...]]] = OrderedDict()
         self.early_costs: OrderedDict[str, float] = OrderedDict()
         self.unpriced = 0
+        self.warned: set[str] = set()
 
     def _scope(self, target: float) -> _Scope:
         cfg = self.config.pacer(target)
@@ -131,8 +164,8 @@ class BudgetLedger:
             scope.state = pacer_update(scope.state, rate, scope.config)
             scope.spend, scope.count = 0.0, 0
 
-    def report(self, decisions: Sequence[tuple[str, str, str | None]], costs: Sequence[tuple[str, float]]) -> dict[str, Any]:
-        """Book ``decisions`` [(decision_id, model, key_id)] at their price (or a cost already reported) and
+    def report(self, decisions: Sequence[tuple[str, ...]], costs: Sequence[tuple[str, float]]) -> dict[str, Any]:
+        """Book ``decisions`` [(decision_id, model, key_id[, tenant])] at their price (or a cost already reported) and
         ``costs`` [(decision_id, reported USD)] as corrections; returns :meth:`view`."""
         for decision_id, cost in costs:
             booked = self.pending.pop(decision_id, None)
@@ -144,8 +177,9 @@ class BudgetLedger:
             price, scopes = booked
             for name in scopes:
                 self._book(self.scopes[name], float(cost) - price, 0)
-        for decision_id, model, key in decisions:
-            scopes = tuple(s for s in (GLOBAL, f"key:{key}" if key else None) if s in self.scopes)
+        for decision_id, model, key, *tenant in decisions:
+            scopes = tuple(s for s in (GLOBAL, f"key:{key}" if key else None, f"tenant:{tenant[0]}" if tenant and tenant[0] else None)
+                           if s in self.scopes)
             if decision_id in self.early_costs:
                 usd = self.early_costs.pop(decision_id)
             else:
@@ -162,20 +196,44 @@ class BudgetLedger:
         return self.view()
 
     def view(self) -> dict[str, Any]:
-        """Per scope: adjustment (logit shift), target, smoothed spend rate and totals (USD per 1k requests)."""
-        return {name: {"adjustment": cost_weight_adjustment(s.state, s.config), "target_usd_per_1k": s.config.target,
-                       "rate_usd_per_1k": s.state.rate, "requests": s.total_requests,
-                       "spend_usd_per_1k": 1000.0 * s.total_spend / s.total_requests if s.total_requests else None,
-                       "updates": s.state.updates}
-                for name, s in self.scopes.items()}
+        """Per scope: its two levers (``adjustment``: logit shift of w_cost; ``greedy_fraction``: share of explore
+        requests decided greedily), the controller's output, target, smoothed spend rate and totals (USD per 1k
+        requests), and ``at_limit``: every lever at its bound while the spend is still over the target (the target
+        is below what this traffic can cost: a lower one is not reachable by pacing)."""
+        out = {}
+        for name, s in self.scopes.items():
+            control = cost_weight_adjustment(s.state, s.config)
+            shift, greedy = self.config.levers(control)
+            at_limit = s.state.rate is not None and s.state.rate > s.config.target and s.state.w_cost >= s.config.w_max * (1 - 1e-9)
+            if at_limit and name not in self.warned:
+                self.warned.add(name)
+                logger.warning("budget %s: spending %.4g USD per 1k with every lever at its bound (shift %+.1f, greedy "
+                               "share %.2f); the target %.4g is below what this traffic can cost", name, s.state.rate,
+                               shift, greedy, s.config.target)
+            out[name] = {"adjustment": shift, "greedy_fraction": greedy, "control": control, "at_limit": at_limit,
+                         "target_usd_per_1k": s.config.target, "rate_usd_per_1k": s.state.rate,
+                         "requests": s.total_requests,
+                         "spend_usd_per_1k": 1000.0 * s.total_spend / s.total_requests if s.total_requests else None,
+                         "updates": s.state.updates}
+        return out
 
 
-def shift_for(view: dict[str, Any], key: str | None) -> float:
-    """The logit shift of a request under key id ``key``: the global adjustment plus its key's (pure)."""
+def shift_for(view: dict[str, Any], key: str | None, tenant: str | None = None) -> float:
+    """The logit shift of a request under key id ``key`` for ``tenant``: the global adjustment plus its key's
+    and its tenant's (pure)."""
     total = view.get(GLOBAL, {}).get("adjustment", 0.0)
     if key:
         total += view.get(f"key:{key}", {}).get("adjustment", 0.0)
+    if tenant:
+        total += view.get(f"tenant:{tenant}", {}).get("adjustment", 0.0)
     return float(total)
+
+
+def greedy_share_for(view: dict[str, Any], key: str | None, tenant: str | None = None) -> float:
+    """Probability that an explore request under key id ``key`` for ``tenant`` is decided greedily (pure):
+    any of its scopes (global, key, tenant) asking suffices."""
+    scopes = [GLOBAL] + ([f"key:{key}"] if key else []) + ([f"tenant:{tenant}"] if tenant else [])
+    return combined_greedy_share([view.get(name, {}).get("greedy_fraction", 0.0) for name in scopes])
 
 
 def registry_prices(registry_path: str | None, fallback: dict[str, float]) -> Callable[[str], float | None]:
@@ -224,7 +282,7 @@ class BudgetClient:
     """An ingress replica's side: paces requests with the last view; reports in the background (never blocks a route)."""
 
     def __init__(self, config: BudgetConfig, app_name: str, namespace: str | None, registry_path: str | None,
-                 actor_factory: Callable[[], Any] | None = None):
+                 actor_factory: Callable[[], Any] | None = None, rng_seed: int | None = None):
         self.config = config
         self.view: dict[str, Any] = {}
         self.decisions: list[tuple[str, str, str | None]] = []
@@ -233,36 +291,47 @@ class BudgetClient:
         self._task: asyncio.Task | None = None
         self._actor = None
         self._factory = actor_factory or (lambda: _get_or_create_actor(config, app_name, namespace, registry_path))
+        self._rng = random.Random(rng_seed)
+        self.greedy_decisions = 0
+        """Explore requests this replica decided greedily for the budget."""
         from banditroute.serve.metrics import metric
 
         self.m_rate = metric("gauge", "banditroute_budget_spend_rate_usd_per_1k", "Smoothed spend rate per budget scope.", ("scope",))
         self.m_target = metric("gauge", "banditroute_budget_target_usd_per_1k", "Spend target per budget scope.", ("scope",))
         self.m_adjust = metric("gauge", "banditroute_budget_adjustment", "Current logit shift of w_cost per budget scope.", ("scope",))
+        self.m_greedy = metric("gauge", "banditroute_budget_greedy_fraction",
+                               "Share of explore requests decided greedily per budget scope.", ("scope",))
 
     @property
     def enabled(self) -> bool:
         return self.config.enabled
 
-    def pace(self, w_cost: float, key: str | None) -> float:
+    def pace(self, w_cost: float, key: str | None, tenant: str | None = None) -> float:
         self._ensure_reporter()
-        return paced_w_cost(w_cost, shift_for(self.view, key))
+        return paced_w_cost(w_cost, shift_for(self.view, key, tenant))
 
-    def pace_all(self, reqs: Sequence[Any], key: str | None) -> str | None:
-        """Each request's ``w_cost`` paced for key id ``key`` (nothing when no target is set); returns ``key``."""
+    def pace_all(self, reqs: Sequence[Any], key: str | None, tenant: str | None = None) -> str | None:
+        """Each request's ``w_cost`` paced for key id ``key`` and ``tenant``, and an explore request decided greedily
+        with the view's greedy share (its logged propensity is then 1, as for any greedy decision); nothing when no
+        target is set. Returns ``key``."""
         if self.enabled:
+            greedy = greedy_share_for(self.view, key, tenant)
             for req in reqs:
-                req.w_cost = self.pace(req.w_cost, key)
+                req.w_cost = self.pace(req.w_cost, key, tenant)
+                if greedy > 0.0 and getattr(req, "mode", None) == "explore" and self._rng.random() < greedy:
+                    req.mode = "greedy"
+                    self.greedy_decisions += 1
         return key
 
-    def spent(self, outs: Sequence[dict[str, Any]], key: str | None) -> None:
+    def spent(self, outs: Sequence[dict[str, Any]], key: str | None, tenant: str | None = None) -> None:
         """The decisions of routed outputs ({"response": {decision_id, model}} or {"error": ...}) into the next report."""
         if self.enabled:
             for out in outs:
                 if "response" in out:
-                    self.record_decision(out["response"]["decision_id"], out["response"]["model"], key)
+                    self.record_decision(out["response"]["decision_id"], out["response"]["model"], key, tenant)
 
-    def record_decision(self, decision_id: str, model: str, key: str | None) -> None:
-        self.decisions.append((decision_id, model, key))
+    def record_decision(self, decision_id: str, model: str, key: str | None, tenant: str | None = None) -> None:
+        self.decisions.append((decision_id, model, key, tenant or None))
 
     def record_cost(self, decision_id: str, cost: float) -> None:
         if math.isfinite(cost) and cost >= 0:
@@ -287,6 +356,7 @@ class BudgetClient:
         for scope, v in self.view.items():
             tags = {"scope": scope}
             self.m_adjust.set(v["adjustment"], tags=tags)
+            self.m_greedy.set(v.get("greedy_fraction", 0.0), tags=tags)
             self.m_target.set(v["target_usd_per_1k"], tags=tags)
             if v["rate_usd_per_1k"] is not None:
                 self.m_rate.set(v["rate_usd_per_1k"], tags=tags)
