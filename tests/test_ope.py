@@ -158,3 +158,35 @@ def test_reward_model_extra_rows_fit_a_model_the_evaluated_log_rarely_picked():
     err_alone = np.abs(alone[:, 1] - truth).mean()
     err_helped = np.abs(helped[:, 1] - truth).mean()
     assert err_helped < 0.5 * err_alone
+
+
+def test_direct_method_is_the_reward_models_value_and_pairs_with_a_small_se():
+    """Issue 13 round 3: `dm` (the gate-replay diagnostic of the reward-model part of DR) is mean(q_target) with
+    SE sd(q_target)/sqrt(n), ignores the logged rewards, and its paired difference cancels the shared part."""
+    from banditroute.learner.ope import ESTIMATORS, estimate_terms, paired_estimates
+
+    assert "dm" in ESTIMATORS
+    rng = np.random.default_rng(0)
+    n = 500
+    q_target = rng.uniform(0, 1, n)
+    rewards, rho = rng.uniform(0, 1, n), rng.uniform(0, 3, n)
+    value, terms = estimate_terms("dm", rewards, rho, None, q_target)
+    assert value == pytest.approx(q_target.mean()) and terms.std(ddof=1) == pytest.approx(q_target.std(ddof=1))
+    assert estimate_terms("dm", rewards[::-1].copy(), rho, None, q_target)[0] == pytest.approx(value)  # rewards unused
+    a, b, d = paired_estimates("dm", rewards, rho, rho, None, q_target + 0.01, q_target)
+    assert d.value == pytest.approx(0.01) and d.se < 1e-9 < a.se
+    with pytest.raises(ValueError, match="dm estimator needs q_target"):
+        estimate_terms("dm", rewards, rho)
+
+
+def test_reward_model_l2_sets_the_shrinkage_of_the_gates_reward_model():
+    """A smaller ridge penalty shrinks a rarely picked model's fit less toward its mean (promotion.reward_model_l2)."""
+    rng = np.random.default_rng(1)
+    n, d = 20, 32  # fewer rows than dims: a model the logger picks 1% of the time
+    x = rng.normal(size=(n, d)) / np.sqrt(d)  # unit-scale embeddings: per-dim variance 1/d, as real ones
+    y = (x @ rng.normal(size=d) * 3 > 0).astype(float)
+    spread = {}
+    for l2 in (1.0, 0.01):
+        s_hat, _ = cross_fitted_components(x, np.zeros(n, int), y, np.zeros(n), 1, folds=1, l2=l2)
+        spread[l2] = float(s_hat[:, 0].std())
+    assert spread[0.01] > 1.5 * spread[1.0]

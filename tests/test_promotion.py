@@ -136,7 +136,8 @@ def test_config_validation_names_the_field():
     for bad, name in (({"holdout_fraction": 1.5}, "learner.promotion.holdout_fraction"),
                       ({"estimator": "magic"}, "learner.promotion.estimator"),
                       ({"exploration_floor": 0.9, "exploration_ceiling": 0.5}, "learner.promotion.exploration_floor"),
-                      ({"min_holdout_events": 10, "holdout_capacity": 5}, "learner.promotion.min_holdout_events")):
+                      ({"min_holdout_events": 10, "holdout_capacity": 5}, "learner.promotion.min_holdout_events"),
+                      ({"reward_model_l2": 0.0}, "learner.promotion.reward_model_l2")):
         with pytest.raises((ValueError, ConfigError), match=name.replace(".", r"\.")):
             from_dict(LearnerConfig, {"promotion": bad}, prefix="learner")
 
@@ -157,6 +158,10 @@ def test_ope_sees_a_worse_policy_as_worse(problem):
     assert not decision.promote
     assert promotion_decision(*(lambda c: (c.candidate, c.serving, c.n_events, cfg, c.difference))(
         compare_on_holdout(table, good, bad, cfg))).promote
+    # The gate's reward-model penalty reaches the fit (issue 13 round 3: promotion.reward_model_l2).
+    loose = compare_on_holdout(table, bad, good, PromotionConfig(reward_model_l2=1e-3, estimator="dm"))
+    tight = compare_on_holdout(table, bad, good, PromotionConfig(reward_model_l2=1e3, estimator="dm"))
+    assert loose.difference.value != pytest.approx(tight.difference.value, abs=1e-4)
 
 
 def test_served_probabilities_are_what_a_replica_decides_from(problem):

@@ -17,6 +17,9 @@ For a target policy pi with importance weights rho_i = pi(a_i | x_i, w) / mu_i:
              reward model per model (score and normalised cost fitted
              separately, so q is valid for every w), cross-fitted: each
              fold's q comes from a model fitted on the other folds.
+- DM         V = mean(q_pi(x_i))  (the reward model alone: DR's first part;
+             a diagnostic of the gate, issue 13 round 3: low variance, but
+             blind to whatever the linear reward model cannot represent)
 
 All functions here are pure numpy; ``evaluate_policy`` applies a
 RoutingPolicy to a table of logged events. Caveats (printed by the CLI):
@@ -41,7 +44,7 @@ from banditroute.policy.reward import normalised_cost
 if TYPE_CHECKING:  # torch (under policy.base and policy.decide) is imported when a policy is applied
     from banditroute.policy.base import RoutingPolicy
 
-ESTIMATORS = ("ips", "snips", "dr", "switch_dr")
+ESTIMATORS = ("ips", "snips", "dr", "switch_dr", "dm")
 DEFAULT_SWITCH_MAX_WEIGHT = 10.0
 """switch_dr: importance weights above this use the reward model alone (see ``estimate_terms``)."""
 
@@ -374,6 +377,12 @@ def estimate_terms(estimator: str, rewards: np.ndarray, rho: np.ndarray, q_logge
             # variance explode (weights up to 1/floor = 100), so there the reward model's value stands alone.
             correction = np.where(w <= max_weight, correction, 0.0)
         terms = np.asarray(q_target, np.float64) + correction
+        value = float(terms.mean())
+        return value, terms - value
+    if estimator == "dm":
+        if q_target is None:
+            raise ValueError("the dm estimator needs q_target")
+        terms = np.asarray(q_target, np.float64)
         value = float(terms.mean())
         return value, terms - value
     raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")

@@ -71,11 +71,13 @@ class PromotionConfig:
     confidence_z: float = 1.645
     """z of that one-sided lower bound (1.645 = 95%)."""
     estimator: str = "switch_dr"
-    """OPE estimator of the gate: 'switch_dr', 'dr', 'snips' or 'ips' (learner.ope; module docstring: why switch_dr)."""
+    """OPE estimator of the gate: 'switch_dr', 'dr', 'snips', 'ips' or 'dm' (learner.ope; module docstring: why switch_dr)."""
     switch_max_weight: float = DEFAULT_SWITCH_MAX_WEIGHT
     """switch_dr only: held-out events whose importance weight exceeds this count by the reward model alone."""
     reward_model_events: int = 5000
     """Most recent TRAINING events the gate's reward model (DR's q) is also fitted on; 0 = held-out events only."""
+    reward_model_l2: float = 1.0
+    """Ridge penalty of the gate's reward model (per-model score and cost regressions on the prompt embedding)."""
     exploration_floor: float = DEFAULT_EXPLORATION_FLOOR
     """Explore-mode floor the replicas apply (serve.exploration_floor); OPE evaluates the bounded distribution."""
     exploration_ceiling: float = DEFAULT_EXPLORATION_CEILING
@@ -103,6 +105,8 @@ class PromotionConfig:
         if not (self.switch_max_weight >= 1 and math.isfinite(self.switch_max_weight)):
             raise ValueError(f"{prefix}switch_max_weight must be a finite number >= 1")
         check_bounds(self.exploration_floor, self.exploration_ceiling, prefix)
+        if not (self.reward_model_l2 > 0 and math.isfinite(self.reward_model_l2)):
+            raise ValueError(f"{prefix}reward_model_l2 must be a finite number > 0")
         if self.reward_model_events < 0:
             raise ValueError(f"{prefix}reward_model_events must be >= 0")
         if self.history < 1:
@@ -197,7 +201,7 @@ def compare_on_holdout(events: pa.Table | EventBatch, candidate: Any, serving: A
     extra = None
     if reward_model_events is not None and len(reward_model_events):
         extra = EventBatch.from_table(reward_model_events) if isinstance(reward_model_events, pa.Table) else reward_model_events
-    data = prepare_logged_data(batch, candidate, reward_model_events=extra)
+    data = prepare_logged_data(batch, candidate, l2=cfg.reward_model_l2, reward_model_events=extra)
     explore = np.ones(len(data.rows), dtype=bool)
     if modes is not None:
         explore = np.array([modes[i] != "greedy" for i in data.rows], dtype=bool)
