@@ -99,3 +99,11 @@ def test_gate_checks_are_placed_on_the_decision_axis_and_plotted(tmp_path):
                                "t", reference={"best fixed model": 0.25}, promotions=[[4, 6]], gate_checks=checks)
     assert path.stat().st_size > 1000
     assert plot_learning_curve(tmp_path / "plain.png", [], [], "t").stat().st_size > 1000
+
+
+def test_served_checkpoint_is_the_served_version_beside_the_last_one():
+    from banditroute.cluster.up import served_checkpoint
+
+    assert served_checkpoint("/runs/x/storage/run-1/checkpoints/v1812", 1804) == "/runs/x/storage/run-1/checkpoints/v1804"
+    assert served_checkpoint("s3://b/p/checkpoints/v9/", 7) == "s3://b/p/checkpoints/v7"
+    assert served_checkpoint(None, 3) is None and served_checkpoint("/c/v2", None) is None

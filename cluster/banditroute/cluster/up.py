@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import posixpath
 import time
 from datetime import datetime
 from pathlib import Path
@@ -240,8 +241,17 @@ def _summary(app: AppConfig, loop: OnlineLoop, state: TrafficState, policy, driv
         "experiments": experiments_summary(app.router.experiments, ray.get(loop.feedback.log_uri.remote()),
                                            policy.tau)["experiments"],
         "checkpoint": checkpoint,
+        "served_checkpoint": served_checkpoint(checkpoint, final_status.get("serving_version")),
         "tau": policy.tau,
     }
+
+
+def served_checkpoint(last_checkpoint: Any, serving_version: Any) -> str | None:
+    """The checkpoint of the version replicas serve at the end (``v<version>`` beside the learner's last one; the gate
+    protects it from pruning): what to hand to `banditroute eval --policy`, not the last, unpromoted candidate."""
+    if not isinstance(last_checkpoint, str) or serving_version is None:
+        return None
+    return posixpath.join(posixpath.dirname(last_checkpoint.rstrip("/")), f"v{int(serving_version)}")
 
 
 def _print_done(summary: dict[str, Any], state: TrafficState) -> None:
