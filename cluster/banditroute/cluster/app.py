@@ -53,6 +53,9 @@ def resolve_paths(router: RouterConfig) -> RouterConfig:
     """A copy of ``router`` with relative paths made absolute (replicas may run with another working directory)."""
     cfg = copy.deepcopy(router)
     cfg.policy = _absolute(cfg.policy)
+    for exp in cfg.experiments:  # pinned arms' checkpoint folders (a storage URI is left as it is)
+        for arm in exp.arms:
+            arm.checkpoint = _absolute(arm.checkpoint)
     if cfg.decision_sink == "local":
         opts = dict(cfg.decision_sink_options)
         opts["path"] = _absolute(str(opts.get("path", "runs/decisions")))

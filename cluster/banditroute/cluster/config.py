@@ -309,6 +309,8 @@ def app_config_from_merged(merged: Mapping[str, Any]) -> AppConfig:
             router_section = merged.setdefault("router", {})
             if isinstance(router_section, dict):
                 router_section["experiments"] = merged["experiments"]
+                if isinstance(merged.get("storage"), dict):  # pinned arms' checkpoint URIs: the app's storage access
+                    router_section.setdefault("pinned_storage", merged["storage"])
         if merged.get("tenants") is not None:  # likewise: the ingress replicas read it from router
             router_section = merged.setdefault("router", {})
             if isinstance(router_section, dict):

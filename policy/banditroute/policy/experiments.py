@@ -1,9 +1,11 @@
 """A/B experiments over routing: configuration, sticky arm assignment, and the per-arm report (pure, no Ray).
 
 An experiment splits traffic between arms by weight. An arm either lets the
-served policy decide (``model`` unset) or serves one fixed pool model
-(``model``), which is logged with propensity 1: the logging policy of that
-arm IS the fixed model, so off-policy estimates over the log stay correct.
+served policy decide (``model`` and ``checkpoint`` unset), serves one fixed
+pool model (``model``), which is logged with propensity 1: the logging policy
+of that arm IS the fixed model, so off-policy estimates over the log stay
+correct; or pins a policy (``checkpoint``), which decides the arm's requests
+and logs its own version and propensities (serve/pinned_arms.py).
 Assignment is sticky: the same request key (a ``user`` field or header; else
 the decision id) lands in the same arm for as long as the experiment's name
 and arms are unchanged, because it is a hash of (experiment name, key), not
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -41,6 +43,9 @@ class ArmConfig:
     """Share of the experiment's traffic (weights are normalised over the arms)."""
     model: str | None = None
     """Fixed pool model this arm serves (logged with propensity 1); None = the served policy decides."""
+    checkpoint: str | None = None
+    """Pinned policy: a checkpoint folder or storage URI (as ``POST /v1/admin/policy/pin`` takes) whose policy decides
+    this arm's requests, logging its own version and propensities; None = the served policy decides."""
 
     def check(self, where: str) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -49,6 +54,11 @@ class ArmConfig:
             raise ValueError(f"{where}.weight: must be > 0, got {self.weight!r}")
         if self.model is not None and not self.model:
             raise ValueError(f"{where}.model: must be a pool model name (or left out)")
+        if self.checkpoint is not None:
+            if not isinstance(self.checkpoint, str) or not self.checkpoint.strip():
+                raise ValueError(f"{where}.checkpoint: must be a checkpoint folder or storage URI (or left out)")
+            if self.model is not None:
+                raise ValueError(f"{where}.checkpoint: an arm either serves a fixed model or pins a policy, not both")
 
 
 @dataclass
@@ -71,6 +81,11 @@ class ExperimentConfig:
             if arm.name in seen:
                 raise ValueError(f"experiments.{self.name}.arms[{i}].name: duplicate arm {arm.name!r}")
             seen.add(arm.name)
+
+
+def arm_field(experiment: ExperimentConfig, arm: ArmConfig) -> str:
+    """The dotted config field of ``arm`` (what errors about it name)."""
+    return f"experiments.{experiment.name}.arms[{experiment.arms.index(arm)}]"
 
 
 def check_experiments(experiments: Sequence[ExperimentConfig]) -> None:
@@ -98,6 +113,21 @@ def assign_arm(experiment: ExperimentConfig, key: str) -> ArmConfig:
         if u < acc:
             return arm
     return experiment.arms[-1]
+
+
+def enrolled_arm(experiments: Sequence[ExperimentConfig], key: str, candidates: Sequence[str],
+                 pinnable: Callable[[str, str], bool]) -> tuple[ExperimentConfig, ArmConfig] | None:
+    """The (experiment, arm) that enrols the request keyed ``key``: the first experiment in config order whose sticky
+    arm can take it. A fixed arm cannot when its model is not a candidate; a pinned arm cannot unless
+    ``pinnable(experiment, arm)`` (its policy is loaded and scores the batch's pool). None: no experiment enrols it."""
+    for exp in experiments:
+        arm = assign_arm(exp, key)
+        if arm.model is not None and arm.model not in candidates:
+            continue
+        if arm.checkpoint is not None and not pinnable(exp.name, arm.name):
+            continue
+        return exp, arm
+    return None
 
 
 def ci95(values: np.ndarray) -> list[float] | None:

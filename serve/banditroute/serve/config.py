@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from banditroute.core.config import from_dict, load_config
 from banditroute.core.security import SecurityConfig
+from banditroute.core.storage import StorageConfig
 from banditroute.serve.budget import BudgetConfig
 from banditroute.policy.experiments import ExperimentConfig, check_experiments
 from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR, check_bounds
@@ -210,6 +211,9 @@ class RouterConfig:
     experiments: list[ExperimentConfig] = field(default_factory=list)
     """A/B experiments applied to every decision (policy/experiments.py; the application config's top-level
     ``experiments:`` section lands here)."""
+    pinned_storage: StorageConfig | None = None
+    """Storage settings (endpoint, region, key env vars) to read pinned experiment arms' checkpoints given as
+    storage URIs; None = the default settings. The cluster layer copies the application's ``storage:`` here."""
     tenants: list[TenantConfig] = field(default_factory=list)
     """API key -> tenant with a default preference, a candidate allow-list and a rate limit (serve/tenants.py; the
     application config's top-level ``tenants:`` section lands here)."""

@@ -51,6 +51,7 @@ from banditroute.policy.encoders import EncoderConfig, make_encoder, resolve_dev
 from banditroute.policy.exploration import DEFAULT_EXPLORATION_CEILING, DEFAULT_EXPLORATION_FLOOR, ExplorationBounds
 from banditroute.policy.experiments import ExperimentConfig
 from banditroute.serve.experiments import apply_overrides
+from banditroute.serve.pinned_arms import PinnedArms
 from banditroute.serve.protocol import RequestError, RouteRequest, parse_candidates, parse_mode
 from banditroute.serve.stages import NO_STAGES, StageClock
 from banditroute.serve.tokens import PromptTokenizer, TokenRow, has_tokenizer
@@ -199,6 +200,8 @@ class RouterCore:
         """The encoder's tokenizer (serve/tokens.py); None for encoders that take text (hashing, static)."""
         self.experiments: list[ExperimentConfig] = []
         """Experiments whose arms are applied to every decided batch (serve/experiments.py); set by the service."""
+        self.pinned = PinnedArms()
+        """Policies of the experiments' pinned arms (serve/pinned_arms.py); set by the service."""
         self.stages: StageClock = NO_STAGES
         """Times tokenize / encode / decide per batch (serve/stages.py); the service gives it its histogram."""
 
@@ -376,32 +379,36 @@ class RouterCore:
         if not valid:
             return results  # type: ignore[return-value]
 
-        out = self._forward(policy, [reqs[i] for i in valid], host[valid] if len(valid) != len(reqs) else host)
+        ids = [new_decision_id() for _ in valid]  # before the forward: a pinned arm's key may be the decision id
+        host = host[valid] if len(valid) != len(reqs) else host
+        out = self._forward(policy, [reqs[i] for i in valid], host)
+        deciders = self.pinned.decide(self, self.experiments, [reqs[i] for i in valid], ids, cand_lists, models, host, out)
         dim = out.shape[1] - 2 - n_models
-        version = policy.policy_version
         for row, i in enumerate(valid):
             req = reqs[i]
+            decider = deciders[row] or policy
             cands = cand_lists[row]
             probs = out[row, 2 : 2 + n_models]
             results[i] = RouteResult(
                 DecisionRecord(
-                    decision_id=new_decision_id(),
+                    decision_id=ids[row],
                     time=now,
                     embedding=out[row, 2 + n_models : 2 + n_models + dim].copy(),
                     w_cost=float(req.w_cost),
                     candidates=cands,
                     chosen_model=models[int(out[row, 0])],
                     probability=float(out[row, 1]),
-                    policy_version=version,
+                    policy_version=decider.policy_version,
                     mode=modes[row],
                     candidate_probabilities=[float(probs[index[m]]) for m in cands],
                     encoder_id=self.encoder_id,
                     prompt_sha256=req.prompt_sha256 or prompt_sha256(req.text),
-                    registry_version=getattr(policy, "registry_version_used", None),  # identity policies: pool/prices version
+                    registry_version=getattr(decider, "registry_version_used", None),  # identity policies: pool/prices version
                 )
             )
         if self.experiments or any(q.shadow_model or q.tenant for q in reqs):
-            decided = apply_overrides([r.decision for r in results], reqs, self.experiments)  # type: ignore[union-attr]
+            decided = apply_overrides([r.decision for r in results], reqs, self.experiments,  # type: ignore[union-attr]
+                                      self.pinned.pinnable(models))
             for r, d in zip(results, decided):
                 if r is not None and d is not None:
                     r.decision = d

@@ -8,7 +8,9 @@
   is drawn by a sticky hash of the request key (``user``, else the decision
   id, ``policy.experiments.assign_arm``); a fixed-model arm serves its model.
   A fixed arm whose model is not among the request's candidates does not
-  enrol it (the next experiment may).
+  enrol it (the next experiment may); nor does a pinned arm whose policy
+  cannot score the batch's pool (serve/pinned_arms.py, which decided the
+  pinned arm's rows before this step).
 
 When an override serves a model, the decision logs it as ``chosen_model``
 with probability 1 (the logging policy of that request was the override),
@@ -25,11 +27,11 @@ for ``GET /v1/admin/experiments``; the report itself is the pure
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from banditroute.core.records import DECISION_SCHEMA, EVENT_SCHEMA, DecisionRecord
 from banditroute.core.storage import StorageConfig
-from banditroute.policy.experiments import OVERRIDE_EXPERIMENT, OVERRIDE_SHADOW, ExperimentConfig, assign_arm
+from banditroute.policy.experiments import OVERRIDE_EXPERIMENT, OVERRIDE_SHADOW, ExperimentConfig, enrolled_arm
 from banditroute.serve.protocol import RequestError, RouteRequest
 
 REPORT_COLUMNS = ("decision_id", "chosen_model", "served_model", "experiment", "arm")
@@ -43,8 +45,12 @@ def overridden(decision: DecisionRecord, model: str, kind: str) -> DecisionRecor
 
 
 def apply_overrides(decisions: Sequence[DecisionRecord | None], reqs: Sequence[RouteRequest],
-                    experiments: Sequence[ExperimentConfig]) -> list[DecisionRecord | None]:
-    """The decisions with shadow models, experiment arms and tenants applied (None rows: not decided)."""
+                    experiments: Sequence[ExperimentConfig],
+                    pinnable: Callable[[str, str], bool] = lambda experiment, arm: False) -> list[DecisionRecord | None]:
+    """The decisions with shadow models, experiment arms and tenants applied (None rows: not decided).
+
+    ``pinnable(experiment, arm)``: whether a pinned arm may enrol (serve/pinned_arms.py ``PinnedArms.pinnable``,
+    the same rule its rows were decided by); a pinned arm's rows already carry its policy's decision."""
     out: list[DecisionRecord | None] = []
     for d, req in zip(decisions, reqs):
         if d is None:
@@ -55,18 +61,15 @@ def apply_overrides(decisions: Sequence[DecisionRecord | None], reqs: Sequence[R
         if req.shadow_model:
             out.append(overridden(d, req.shadow_model, OVERRIDE_SHADOW))
             continue
-        key = req.user or d.decision_id
-        for exp in experiments:
-            arm = assign_arm(exp, key)
-            if arm.model is not None and arm.model not in d.candidates:
-                continue  # this arm cannot serve the request: not enrolled in this experiment
+        hit = enrolled_arm(experiments, req.user or d.decision_id, d.candidates, pinnable)
+        if hit is not None:
+            exp, arm = hit
             d = dataclasses.replace(d, experiment=exp.name, arm=arm.name)
             if arm.model is not None and arm.model != d.chosen_model:
                 d = overridden(d, arm.model, OVERRIDE_EXPERIMENT)
             elif arm.model is not None:  # the policy chose the arm's model itself: still served by the arm, p = 1
                 d = dataclasses.replace(d, probability=1.0, override=OVERRIDE_EXPERIMENT, router_model=d.chosen_model,
                                         router_probability=d.probability)
-            break
         out.append(d)
     return out
 

@@ -53,6 +53,7 @@ from banditroute.policy.encoders import resolve_device
 from banditroute.serve.config import RouterConfig
 from banditroute.serve.core import RouteResult, RouterCore, decision_batch
 from banditroute.serve.decision_sinks import make_decision_sink
+from banditroute.serve.pinned_arms import load_pinned_arms
 from banditroute.serve.metrics import BATCH_BOUNDARIES, LATENCY_BOUNDARIES_MS, metric, stage_histogram
 from banditroute.serve.protocol import RequestError, RouteRequest
 from banditroute.serve.stages import StageClock
@@ -105,6 +106,7 @@ class RouterService:
         self.replica_id = replica_id
         self.core = core if core is not None else build_core(cfg)
         self.core.experiments = list(cfg.experiments)
+        self.core.pinned = load_pinned_arms(cfg.experiments, cfg.pinned_storage, self.core)  # errors name the arm
         self.stages = StageClock(stage_histogram())
         self.core.stages = self.stages
         self.sink = make_decision_sink(cfg.decision_sink, cfg.decision_sink_options)
