@@ -38,6 +38,21 @@ def test_pinned_arm_config_is_validated_naming_the_field():
             {"name": "e", "arms": [{"name": "a"}, {"name": "b", "model": "small-model", "checkpoint": "ckpt/v1"}]}]})
 
 
+def test_an_arm_may_pin_a_version_of_the_learners_checkpoints():
+    arms = [{"name": "router"}, {"name": "v3", "policy_version": 3}]
+    app = app_config_from_dict({"router": {"policy": "ckpt"}, "storage": {"uri": "s3://bucket/prefix/"},
+                                "learner": {"checkpoint_prefix": "ckpts"}, "experiments": [{"name": "e", "arms": arms}]})
+    assert app.router.experiments[0].arms[1].checkpoint == "s3://bucket/prefix/ckpts/v000000000003"
+    for arm, message in (({"name": "b", "policy_version": -1}, "policy_version"),
+                         ({"name": "b", "policy_version": 3, "model": "small-model"}, "policy_version.*not both")):
+        with pytest.raises(ConfigError, match=rf"experiments.e.arms\[1\].{message}"):
+            app_config_from_dict({"router": {"policy": "ckpt"}, "storage": {"uri": "s3://b/p"},
+                                  "experiments": [{"name": "e", "arms": [{"name": "a"}, arm]}]})
+    with pytest.raises(ConfigError, match=r"experiments.e.arms\[1\].policy_version: needs the application's storage"):
+        app_config_from_dict({"router": {"policy": "ckpt"},
+                              "experiments": [{"name": "e", "arms": [{"name": "a"}, {"name": "b", "policy_version": 3}]}]})
+
+
 def test_loading_refuses_missing_checkpoints_other_encoders_and_other_pools(tmp_path):
     core = RouterCore(hashing_policy(MODELS, seed=1, policy_version=9), seed=0)
     with pytest.raises(ValueError, match=r"experiments.served-vs-v3.arms\[1\].checkpoint: .*not a policy checkpoint"):

@@ -31,6 +31,7 @@ value of the wrong type fails at load time with the dotted field name.
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -301,6 +302,19 @@ def merge_app_data(
     return merged
 
 
+def _pinned_versions_to_checkpoints(experiments: Any, storage: Mapping[str, Any], learner: Any) -> None:
+    """An arm's ``policy_version: N`` -> ``checkpoint``: the learner's checkpoint folder of version N under the storage."""
+    from banditroute.learner.checkpoint import checkpoint_dir
+
+    uri = storage.get("uri")
+    prefix = (learner if isinstance(learner, dict) else {}).get("checkpoint_prefix", LearnerConfig().checkpoint_prefix)
+    for experiment in experiments if isinstance(experiments, list) else []:
+        for arm in (experiment.get("arms") or []) if isinstance(experiment, dict) else []:
+            version = arm.get("policy_version") if isinstance(arm, dict) else None
+            if isinstance(version, int) and not isinstance(version, bool) and version >= 0 and uri and not {"checkpoint", "model"} & set(arm):
+                arm["checkpoint"] = posixpath.join(str(uri).rstrip("/"), prefix, checkpoint_dir(version))
+
+
 def app_config_from_merged(merged: Mapping[str, Any]) -> AppConfig:
     """Validate merged data (``merge_app_data``) as an AppConfig; errors are ConfigErrors naming the dotted field."""
     merged = deep_merge({}, merged)
@@ -311,6 +325,7 @@ def app_config_from_merged(merged: Mapping[str, Any]) -> AppConfig:
                 router_section["experiments"] = merged["experiments"]
                 if isinstance(merged.get("storage"), dict):  # pinned arms' checkpoint URIs: the app's storage access
                     router_section.setdefault("pinned_storage", merged["storage"])
+                    _pinned_versions_to_checkpoints(merged["experiments"], merged["storage"], merged.get("learner"))
         if merged.get("tenants") is not None:  # likewise: the ingress replicas read it from router
             router_section = merged.setdefault("router", {})
             if isinstance(router_section, dict):

@@ -46,6 +46,9 @@ class ArmConfig:
     checkpoint: str | None = None
     """Pinned policy: a checkpoint folder or storage URI (as ``POST /v1/admin/policy/pin`` takes) whose policy decides
     this arm's requests, logging its own version and propensities; None = the served policy decides."""
+    policy_version: int | None = None
+    """Pinned policy by version: the learner's checkpoint of that version under the application's storage (the cluster
+    layer turns it into ``checkpoint``); exclusive with ``checkpoint`` and ``model``."""
 
     def check(self, where: str) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -59,6 +62,14 @@ class ArmConfig:
                 raise ValueError(f"{where}.checkpoint: must be a checkpoint folder or storage URI (or left out)")
             if self.model is not None:
                 raise ValueError(f"{where}.checkpoint: an arm either serves a fixed model or pins a policy, not both")
+        if self.policy_version is not None:
+            if isinstance(self.policy_version, bool) or not isinstance(self.policy_version, int) or self.policy_version < 0:
+                raise ValueError(f"{where}.policy_version: must be a policy version (an integer >= 0)")
+            if self.model is not None:
+                raise ValueError(f"{where}.policy_version: an arm either serves a fixed model or pins a policy, not both")
+            if self.checkpoint is None:
+                raise ValueError(f"{where}.policy_version: needs the application's storage to find the checkpoint "
+                                 f"(set storage.uri in the application config, or give the arm a checkpoint)")
 
 
 @dataclass
