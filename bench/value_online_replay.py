@@ -30,22 +30,29 @@ from banditroute.policy.value_policy import ValueNetworkConfig
 from banditroute.policy.value_train import ValueTrainConfig, train_value_policy
 
 
-def held_out_reward(policy, test, test_emb) -> float:
-    """Mean reward of the greedy choices over the default w_cost grid (``banditroute eval``'s policy router)."""
+def held_out_reward(policy, test, test_emb, greedy: str = "vote") -> float:
+    """Mean reward of the greedy choices over the default w_cost grid (``banditroute eval``'s policy router).
+
+    ``greedy``: "vote" = argmax of the Thompson distribution (what ``decide`` serves), "mean" = argmax of
+    the heads' mean predicted reward (issue 13 round 4's experiment).
+    """
     index = [policy.models.index(m) for m in test.models]
     rewards = []
     for w in DEFAULT_PREFERENCE_GRID:
-        logits = policy.logits(test_emb, float(w)).cpu().numpy()[:, index]
+        values = policy.logits(test_emb, float(w)) if greedy == "vote" else policy.expected_rewards(test_emb, float(w))
+        logits = values.cpu().numpy()[:, index]
         rewards.append(score_choices(logits.argmax(axis=1), test, float(w), policy.meta.tau)["reward"])
     return float(np.mean(rewards))
 
 
-def curve_recorder(curve: dict[int, float], pending: list[int], test, test_emb):
+def curve_recorder(curve: dict, pending: list[int], test, test_emb):
     """An ``after_update`` callback writing the held-out reward into ``curve`` as each pull mark is passed."""
 
     def after_update(pulls: int, policy) -> None:
         while pending and pulls >= pending[0]:
-            curve[pending.pop(0)] = round(held_out_reward(policy, test, test_emb), 4)
+            mark = pending.pop(0)
+            curve[mark] = round(held_out_reward(policy, test, test_emb), 4)
+            curve[f"{mark}_mean"] = round(held_out_reward(policy, test, test_emb, "mean"), 4)
 
     return after_update
 
@@ -81,13 +88,14 @@ def main() -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         config = replace(ValueTrainConfig(), max_pulls=args.pulls, batch_size=args.batch, seed=seed,
                          network=replace(ValueNetworkConfig(), **net), **top)
-        curve: dict[int, float] = {}
+        curve: dict = {}
         after_update = curve_recorder(curve, list(marks), test, test_emb)
         policy, env, _ = train_value_policy(train, train_emb, config, enc, encoder_id, after_update=after_update)
         running = np.concatenate([p["reward"] for p in env.pulls])
         quarters = [round(float(q.mean()), 4) for q in np.array_split(running, 4)]
         print(json.dumps({"seed": seed, "batch": args.batch, "set": args.set, "held_out": curve,
                           "final": round(held_out_reward(policy, test, test_emb), 4),
+                          "final_mean": round(held_out_reward(policy, test, test_emb, "mean"), 4),
                           "running_by_quarter": quarters}), flush=True)
 
 
