@@ -28,6 +28,17 @@ class NoMetric:
         pass
 
 
+def make_metric(classes: Any, kind: str, name: str, description: str, tag_keys: tuple[str, ...] = (),
+                boundaries: list[float] | None = None):
+    """A ``counter``, ``gauge`` or ``histogram`` (with ``boundaries``) from ``classes``: ``ray.util.metrics``, or
+    ``ray.serve.metrics`` (the same classes plus the replica's tags)."""
+    if kind == "counter":
+        return classes.Counter(name, description=description, tag_keys=tag_keys)
+    if kind == "gauge":
+        return classes.Gauge(name, description=description, tag_keys=tag_keys)
+    return classes.Histogram(name, description=description, boundaries=boundaries, tag_keys=tag_keys)
+
+
 def metric(kind: str, name: str, description: str, tag_keys: tuple[str, ...] = (), boundaries: list[float] | None = None):
     """A ``counter``, ``gauge`` or ``histogram`` (with ``boundaries``) of this Ray worker, or a NoMetric outside one."""
     try:
@@ -36,11 +47,7 @@ def metric(kind: str, name: str, description: str, tag_keys: tuple[str, ...] = (
 
         if not ray.is_initialized():
             return NoMetric()
-        if kind == "counter":
-            return metrics.Counter(name, description=description, tag_keys=tag_keys)
-        if kind == "gauge":
-            return metrics.Gauge(name, description=description, tag_keys=tag_keys)
-        return metrics.Histogram(name, description=description, boundaries=boundaries, tag_keys=tag_keys)
+        return make_metric(metrics, kind, name, description, tag_keys, boundaries)
     except Exception as exc:  # noqa: BLE001 - metrics must never stop an actor
         logger.debug("metric %s disabled: %s", name, exc)
         return NoMetric()

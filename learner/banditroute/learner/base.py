@@ -112,6 +112,21 @@ class LearnerBase:
     def update(self, events: pa.Table | EventBatch | Sequence[JoinedEvent], trained_through: float | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _start_counts(self) -> None:
+        """Zero the counters every kind keeps (checkpoint manifests, status and resume read them)."""
+        self.updates = 0
+        self.events_trained = 0
+        self.trained_through = 0.0
+        self.skipped = {}
+
+    def _commit_update(self, trained: int, trained_through: float | None) -> None:
+        """Count one update that trained on ``trained`` events and number the changed weights: the next version."""
+        mint_version(self.policy, self.policy_version + 1)
+        self.updates += 1
+        self.events_trained += trained
+        if trained_through is not None:
+            self.trained_through = max(self.trained_through, float(trained_through))
+
     def optimizer_state_bytes(self) -> bytes:
         raise NotImplementedError
 

@@ -90,10 +90,7 @@ class IdentityLearner(LearnerBase):
         self.priors: dict[str, tuple[float, np.ndarray, np.ndarray, int]] = {}
         """Per model: (added_at, mu, sigma, n_observations) of the identity the refits start from."""
         self.pending_refit: set[str] = set()
-        self.updates = 0
-        self.events_trained = 0
-        self.trained_through = 0.0
-        self.skipped: dict[str, int] = {}
+        self._start_counts()
         self.identity_refits = 0
         self.last_refit: dict[str, Any] = {}
 
@@ -145,13 +142,9 @@ class IdentityLearner(LearnerBase):
             if result is not None:
                 batch_rows += result.pop("rows")
                 losses.append(result["total_loss"])
-        self.updates += 1
+        self._commit_update(len(sel), trained_through)
         if self.settings.refine_identities and self.updates % self.settings.refit_every == 0:
             metrics["identities_refitted"] = self.refit_identities()
-        mint_version(self.policy, self.policy_version + 1)
-        self.events_trained += len(sel)
-        if trained_through is not None:
-            self.trained_through = max(self.trained_through, float(trained_through))
         metrics.update(
             updated=True,
             policy_version=self.policy_version,

@@ -126,10 +126,7 @@ class OnlineLearner(LearnerBase):
         if learner_state is not None:
             self.rl_learner.set_state({COMPONENT_OPTIMIZER: optimizer_state_from_bytes(learner_state)})
         self.replay = ReplayBuffer(self.config.replay_capacity, self.config.seed)
-        self.updates = 0
-        self.events_trained = 0
-        self.trained_through = 0.0
-        self.skipped: dict[str, int] = {}
+        self._start_counts()
 
     def update(self, events: pa.Table | EventBatch | Sequence[JoinedEvent], trained_through: float | None = None) -> dict[str, Any]:
         """One learner update on ``events`` (+ replay); bumps the version if anything was trained."""
@@ -151,11 +148,7 @@ class OnlineLearner(LearnerBase):
         batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(train)}, env_steps=len(train[Columns.ACTIONS]))
         results = self.rl_learner.update(batch=batch, num_epochs=self.config.gradient_steps)
         flat = MetricsLogger.peek_results(results).get(DEFAULT_MODULE_ID, {})
-        mint_version(self.policy, self.policy_version + 1)
-        self.updates += 1
-        self.events_trained += len(rows)
-        if trained_through is not None:
-            self.trained_through = max(self.trained_through, float(trained_through))
+        self._commit_update(len(rows), trained_through)
         metrics.update(
             updated=True,
             policy_version=self.policy_version,

@@ -61,10 +61,7 @@ class ValueLearner(LearnerBase):
             self.optimiser.load_state_dict(optimizer_state_from_bytes(learner_state))
         self.replay = ReplayBuffer(self.config.replay_capacity, self.config.seed)
         self.rng = np.random.default_rng(self.config.seed)
-        self.updates = 0
-        self.events_trained = 0
-        self.trained_through = 0.0
-        self.skipped: dict[str, int] = {}
+        self._start_counts()
 
     def _new_optimiser(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.policy.network.parameters(), lr=self.config.learning_rate,
@@ -90,11 +87,7 @@ class ValueLearner(LearnerBase):
             batch = batch if batch is not None else fresh  # replay off (capacity 0): the fresh pulls only
             batch_rows += len(batch[ACTIONS])
             losses.append(self._step(batch))
-        mint_version(self.policy, self.policy_version + 1)
-        self.updates += 1
-        self.events_trained += len(rows)
-        if trained_through is not None:
-            self.trained_through = max(self.trained_through, float(trained_through))
+        self._commit_update(len(rows), trained_through)
         metrics.update(
             updated=True,
             policy_version=self.policy_version,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from typing import Any
 
+from banditroute.core.actor_metrics import NoMetric, make_metric
 from ray import serve
 from ray.serve import metrics as serve_metrics
 
@@ -22,28 +22,11 @@ LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 
 
-class NoMetric:
-    """Stands in for a metric where Ray's metrics are unavailable."""
-
-    def inc(self, *a: Any, **k: Any) -> None:
-        pass
-
-    def observe(self, *a: Any, **k: Any) -> None:
-        pass
-
-    def set(self, *a: Any, **k: Any) -> None:
-        pass
-
-
 def metric(kind: str, name: str, description: str, tag_keys: tuple[str, ...] = (), boundaries: list[float] | None = None):
     """A ``counter``, ``gauge`` or ``histogram`` (with ``boundaries``), or a NoMetric outside a replica."""
     try:
         serve.get_replica_context()  # raises outside a real replica (local testing mode)
-        if kind == "counter":
-            return serve_metrics.Counter(name, description=description, tag_keys=tag_keys)
-        if kind == "gauge":
-            return serve_metrics.Gauge(name, description=description, tag_keys=tag_keys)
-        return serve_metrics.Histogram(name, description=description, boundaries=boundaries, tag_keys=tag_keys)
+        return make_metric(serve_metrics, kind, name, description, tag_keys, boundaries)
     except Exception as exc:  # noqa: BLE001 - e.g. local testing mode without a Ray worker
         logger.debug("metric %s disabled: %s", name, exc)
         return NoMetric()
