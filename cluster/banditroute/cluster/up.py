@@ -206,6 +206,7 @@ def _summary(app: AppConfig, loop: OnlineLoop, state: TrafficState, policy, driv
     import ray
 
     fb_stats = ray.get(loop.feedback.stats.remote())
+    log_uri = ray.get(loop.feedback.log_uri.remote())
     versus = compare_with_fixed_models(state.rewards, data.scores_filled, data.costs, state.rows, state.w_costs, policy.tau,
                                        candidates, [list(data.models).index(m) for m in candidates])
     return {
@@ -237,9 +238,8 @@ def _summary(app: AppConfig, loop: OnlineLoop, state: TrafficState, policy, driv
         "policy_kind": policy.kind,
         "replicas": app.router.num_replicas,
         "cold_start": (app.online.initial_policy or app.router.policy) is None,
-        "storage": ray.get(loop.feedback.log_uri.remote()),
-        "experiments": experiments_summary(app.router.experiments, ray.get(loop.feedback.log_uri.remote()),
-                                           policy.tau)["experiments"],
+        "storage": log_uri,
+        "experiments": experiments_summary(app.router.experiments, log_uri, policy.tau)["experiments"],
         "checkpoint": checkpoint,
         "served_checkpoint": served_checkpoint(checkpoint, final_status.get("serving_version")),
         "tau": policy.tau,
