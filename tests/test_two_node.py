@@ -38,7 +38,7 @@ def test_worker_node_lost_under_load_then_rejoined(tmp_path):
     assert r["served_on_one_node"] > 0 and sorted(r["replicas_after"].values()) == ["head", "new worker"], r
     # nothing acknowledged was lost or doubled; failures (if any) are routes in flight on the dead node, never rewards
     assert r["rewards_acknowledged"] > 0 and r["rewards_found_in_log"] == r["rewards_recorded"] >= r["rewards_acknowledged"], r
-    assert r["rewards_logged_twice"] == 0 and r["failed_routes_only"], r
+    assert r["rewards_logged_twice"] == 0 and r["failed_routes_only"], (r["errors"], r)  # the errors first: pytest truncates r
     # weights reach the new replica; the served version never goes backwards
     assert r["newest_version"] > r["start_version"] and all(v >= r["newest_version"] for v in r["replica_versions"].values()), r
     assert r["version_decreases"] == 0 and r["version_samples"] > 10, r
